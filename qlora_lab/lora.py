@@ -340,3 +340,147 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
             q = m.weight_4bit
             base += sum(size(t) for t in (q.packed, q.absmax, q.offset, q.absmax2) if t is not None)
     return {"base": base, "adapters": adapters}
+
+
+# --- Checking against the real stack: bitsandbytes Linear4bit + PEFT LoRA ---------------------------
+
+def peft_key(name: str) -> str:
+    """A PEFT model's parameter name -> the same parameter's name in a qlora_lab model."""
+    return name.removeprefix("base_model.model.").replace(".default.", ".")
+
+
+def bnb_peft_model(model_dir, r: int = 16, alpha: float = 32, target_modules="all-linear",
+                   quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.float32):
+    """The reference: the model in `model_dir` loaded by transformers with
+    BitsAndBytesConfig(load_in_4bit) on the CPU, then PEFT LoRA on `target_modules`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                             bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32,
+                                                device_map="cpu", local_files_only=True, trust_remote_code=False)
+    return get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
+
+
+def copy_adapters_to_peft(model: nn.Module, peft_model: nn.Module) -> None:
+    """Copy the A and B matrices of qlora_lab's `model` into the PEFT model (same layers)."""
+    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    theirs = {peft_key(n): p for n, p in peft_model.named_parameters() if "lora_" in n}
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"the two models have different LoRA layers: {sorted(ours.keys() ^ theirs.keys())[:4]}")
+    with torch.no_grad():
+        for name, p in theirs.items():
+            p.copy_(ours[name])
+
+
+def compare_with_reference(model: nn.Module, peft_model: nn.Module, input_ids: torch.Tensor) -> dict:
+    """Run both models forward and backward (next-token loss on `input_ids`) and return
+    {"max_abs_logits": max |logits - logits_ref|, "max_rel_grad": max over LoRA tensors of
+    max |g - g_ref| / max |g_ref|, "n_grads": number of LoRA tensors compared}."""
+    results = []
+    for m in (model, peft_model):
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids, labels=input_ids)
+        out.loss.backward()
+        grads = {peft_key(n): p.grad for n, p in m.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), grads))
+    (logits, grads), (logits_ref, grads_ref) = results
+    rel = [float((grads[n] - g).abs().max() / g.abs().max().clamp(min=1e-30)) for n, g in grads_ref.items()]
+    return {"max_abs_logits": float((logits - logits_ref).abs().max()), "max_rel_grad": max(rel),
+            "n_grads": len(rel)}
+
+
+# --- Plots for notebook 04 ----------------------------------------------------------------------------
+
+def adapter_param_count(in_features: int, out_features: int, r: int) -> int:
+    """Trainable parameters of one rank-r adapter on an (in -> out) Linear: r x in + out x r."""
+    _check_hyper(r, 1, 0.0)
+    return r * (in_features + out_features)
+
+
+def plot_adapter_params(in_features: int = 576, out_features: int = 1536, r: int = 16, max_r: int = 128):
+    """Trainable parameters of a LoRA adapter against its rank r, as a share of the frozen layer's
+    in x out weights, with rank `r` marked. Returns a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from .plots import CATEGORY_COLORS
+
+    full = in_features * out_features
+    ranks = list(range(1, max_r + 1))
+    share = [100 * adapter_param_count(in_features, out_features, k) / full for k in ranks]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(ranks, share, color=CATEGORY_COLORS["adapters"])
+    mine = adapter_param_count(in_features, out_features, r)
+    ax.scatter([r], [100 * mine / full], color=CATEGORY_COLORS["adapters"], zorder=3)
+    ax.annotate(f"r={r}: {mine:,} params ({100 * mine / full:.2f}%)", (r, 100 * mine / full),
+                textcoords="offset points", xytext=(8, -12))
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("trainable / frozen weights (%)")
+    ax.set_title(f"LoRA on a {in_features} -> {out_features} layer ({full:,} frozen weights)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradient_path():
+    """The forward and backward paths through a LoRALinear4bit, drawn as boxes and arrows.
+    Returns a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from .plots import CATEGORY_COLORS
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.set_xlim(0, 10)
+    ax.set_ylim(0, 5)
+    ax.axis("off")
+    boxes = {  # name: (x, y, half width, text, colour)
+        "x": (0.8, 2.5, 0.3, "x", "white"),
+        "W": (4.2, 3.8, 1.55, "dequant(W)  (NF4, frozen)\nrecomputed in backward", CATEGORY_COLORS["weights"]),
+        "A": (3.0, 1.2, 0.75, "A  (r x in)", CATEGORY_COLORS["adapters"]),
+        "B": (5.4, 1.2, 0.8, "B  (out x r)", CATEGORY_COLORS["adapters"]),
+        "sum": (7.6, 2.5, 0.3, "+", "white"),
+        "y": (9.3, 2.5, 0.3, "y", "white"),
+    }
+    for x, y, _, text, color in boxes.values():
+        ax.text(x, y, text, ha="center", va="center", fontsize=9,
+                bbox=dict(boxstyle="round", fc=color, ec="black", alpha=0.85 if color != "white" else 1))
+
+    def arrow(a, b, color="black", style="-|>", rad=0.0):
+        (x0, y0, w0, *_), (x1, y1, w1, *_) = boxes[a], boxes[b]
+        ax.annotate("", (x1 - w1, y1), (x0 + w0, y0),
+                    arrowprops=dict(arrowstyle=style, color=color, connectionstyle=f"arc3,rad={rad}"))
+
+    for a, b in (("x", "W"), ("x", "A"), ("A", "B"), ("W", "sum"), ("B", "sum"), ("sum", "y")):
+        arrow(a, b)
+    grad = CATEGORY_COLORS["gradients"]
+    ax.annotate("", (1.2, 2.2), (7.3, 2.2), arrowprops=dict(arrowstyle="-|>", color=grad, ls="--"))
+    ax.text(4.2, 2.45, "dL/dx = dL/dy (W + (alpha/r) B A): reaches earlier layers", color=grad,
+            ha="center", fontsize=8)
+    ax.text(4.2, 0.35, "dL/dA, dL/dB: the only gradients kept (W gets none)", color=grad, ha="center", fontsize=8)
+    ax.set_title("LoRALinear4bit: forward (black) and backward (red)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_weight_memory(rows: dict):
+    """A stacked bar per setting: {label: {"base": bytes, "adapters": bytes}} in MiB, coloured by
+    memory category. Returns a matplotlib Figure."""
+    import matplotlib.pyplot as plt
+
+    from .plots import CATEGORY_COLORS
+
+    labels = list(rows)
+    base = [rows[k]["base"] / 2**20 for k in labels]
+    adapters = [rows[k]["adapters"] / 2**20 for k in labels]
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.bar(labels, base, color=CATEGORY_COLORS["weights"], label="weights (frozen base)")
+    ax.bar(labels, adapters, bottom=base, color=CATEGORY_COLORS["adapters"], label="adapters")
+    for i, (b, a) in enumerate(zip(base, adapters)):
+        ax.text(i, b + a, f"{b + a:.0f} MiB", ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("MiB (measured from the tensors)")
+    ax.set_ylim(0, max(b + a for b, a in zip(base, adapters)) * 1.15)
+    ax.set_title("SmolLM2-135M weights, LoRA r=16 on all linear layers")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig

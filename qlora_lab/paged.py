@@ -370,7 +370,7 @@ def plot_page_map(optimizer: PagedAdamW, title: str | None = None):
     for row, m in enumerate(moments):
         for i in range(m.n_pages):
             grid[row, i] = 1.0 if (m.key, i) in optimizer._pool else 0.0
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 + 0.09 * len(moments)))
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.16 * len(moments)))
     ax.imshow(grid.numpy(), aspect="auto", interpolation="nearest", vmin=0, vmax=1,
               cmap=ListedColormap(["#e8e8e8", CATEGORY_COLORS["optimizer"]]))
     ax.set_xlabel("page index within the parameter")

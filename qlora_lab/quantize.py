@@ -229,8 +229,9 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         blocks.append(absmax)
     if full < n:
         tail = flat[full:]
-        tail_max = tail.abs().amax()
-        torch.div(tail, tail_max.clamp(min=1e-38), out=scaled[full:n])
+        # bitsandbytes stores the partial block's absmax clamped to >= 1e-38 (full blocks keep 0)
+        tail_max = tail.abs().amax().clamp(min=1e-38)
+        torch.div(tail, tail_max, out=scaled[full:n])
         blocks.append(tail_max[None])
     absmax = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
@@ -241,8 +242,49 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         packed = torch.index_select(tables.remap, 0, packed.int())
     q = Quantized4bit(packed=packed[:, None], absmax=absmax, shape=w.shape, dtype=w.dtype,
                       quant_type=quant_type, blocksize=blocksize)
-    if double_quant:
-        offset = absmax.mean()
-        codes, absmax2 = blockwise8.quantize(absmax - offset, DQ_BLOCKSIZE)
-        q = replace(q, absmax=codes, offset=offset, absmax2=absmax2)
-    return q
+    return double_quantize(q) if double_quant else q
+
+
+def double_quantize(q: Quantized4bit) -> Quantized4bit:
+    """Double quantization of q's constants (QLoRA, section 3): subtract their mean (the offset,
+    kept in float32), quantize the rest to 8 bits with the dynamic code in blocks of 256, one
+    float32 absmax per block. The 4-bit codes are unchanged."""
+    if q.double_quant:
+        raise ValueError("q is already double-quantized")
+    offset = q.absmax.mean()
+    codes, absmax2 = blockwise8.quantize(q.absmax - offset, DQ_BLOCKSIZE)
+    return replace(q, absmax=codes, offset=offset, absmax2=absmax2)
+
+
+def absmax_quantize(x: torch.Tensor, bits: int = 8, blocksize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax integer quantization, the idea before any codebook: each block (or the whole
+    tensor when blocksize is None) is scaled by (2**(bits-1) - 1) / absmax and rounded, so codes are
+    ints in [-(2**(bits-1) - 1), 2**(bits-1) - 1]. Returns (codes int32 like x, absmax per block)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bits must be an int from 2 to 16, got {bits!r}")
+    check_weight(x, "x")
+    flat = x.detach().reshape(-1).float()
+    size = flat.numel() if blocksize is None else blocksize
+    if blocksize is not None:
+        check_blocksize(blocksize)
+    pad = -flat.numel() % size
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, size)
+    absmax = blocks.abs().amax(dim=1)
+    levels = 2 ** (bits - 1) - 1
+    codes = torch.round(blocks * (levels / absmax.clamp(min=1e-38))[:, None]).int()
+    return codes.view(-1)[: flat.numel()].view(x.shape), absmax
+
+
+def absmax_dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int = 8,
+                      blocksize: int | None = None) -> torch.Tensor:
+    """Float32 values back from absmax_quantize: code * absmax / (2**(bits-1) - 1), blockwise."""
+    n = codes.numel()
+    size = n if blocksize is None else blocksize
+    block = torch.arange(n, device=codes.device) // size
+    return (codes.reshape(-1).float() * (absmax[block] / (2 ** (bits - 1) - 1))).view(codes.shape)
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n 4-bit codes (uint8, 0..15) of bitsandbytes-layout packed bytes: high nibble first."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 15], dim=1).view(-1)[:n]

@@ -165,7 +165,10 @@ def build_spike_model(n_layers: int = 4, r: int = 64, alpha: int = 16, device: s
     model.config.num_hidden_layers = n_layers
     model = add_lora(model, r=r, alpha=alpha, target_modules="all-linear", quantize="nf4", double_quant=True)
     model.to(device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model.train()
     return model, tokenizer

@@ -84,6 +84,9 @@ def lab(tmp_path_factory):
     port, token = _free_port(), secrets.token_hex(16)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(root / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(root / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"))
+    notification = root / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notification.parent.mkdir(parents=True)
+    notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     env.pop("MPLBACKEND", None)  # the kernel must use the inline backend so plots reach the page
     log = open(root / "jupyter.log", "w")
     server = subprocess.Popen(
@@ -137,12 +140,14 @@ JS_NOTEBOOK_READY = """() => {
   const k = w.sessionContext.session.kernel;
   return !!k && k.status === 'idle' && w.content.widgets.length > 0;
 }"""
-JS_RUN_THROUGH = """async (index) => {
+# Started, not awaited: the test polls the cells' state with its own timeout instead.
+JS_RUN_THROUGH = """(index) => {
   const app = window.jupyterapp, nb = app.shell.currentWidget;
   nb.content.activeCellIndex = index;
-  await app.commands.execute('notebook:run-all-above');
-  nb.content.activeCellIndex = index;
-  await app.commands.execute('notebook:run-cell');
+  app.commands.execute('notebook:run-all-above').then(() => {
+    nb.content.activeCellIndex = index;
+    return app.commands.execute('notebook:run-cell');
+  });
   return true;
 }"""
 JS_STATE = """(index) => {
@@ -162,7 +167,7 @@ JS_STATE = """(index) => {
 # hashed so a change of one pixel of a plot counts.
 JS_SIGNATURE = """() => {
   const parts = [];
-  document.querySelectorAll('.jp-Notebook .jp-OutputArea-output').forEach(el => {
+  window.jupyterapp.shell.currentWidget.node.querySelectorAll('.jp-OutputArea-output').forEach(el => {
     el.querySelectorAll('img').forEach(img => parts.push(img.src));
     el.querySelectorAll('.jp-RenderedText, .jp-RenderedHTMLCommon, svg').forEach(r => parts.push(r.outerHTML));
   });
@@ -240,11 +245,14 @@ def test_notebook_widget_in_browser(path, lab, browser):
     page.on("pageerror", lambda err: console_errors.append(str(err)))
     try:
         started = time.monotonic()
-        page.goto(f"{base}/lab/tree/{path.name}?token={token}", wait_until="domcontentloaded")
+        # A workspace of its own, reset, so no tab of an earlier notebook is restored beside it.
+        page.goto(f"{base}/lab/workspaces/{path.stem}/tree/{path.name}?reset&token={token}",
+                  wait_until="domcontentloaded")
         _wait_for(page, JS_NOTEBOOK_READY, timeout_s=120, what="the notebook and an idle kernel")
         page.evaluate(JS_RUN_THROUGH, index)
         _wait_until_executed(page, index, CELL_TIMEOUT_S)
-        cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+        notebook = page.locator(".jp-NotebookPanel:visible .jp-Notebook")
+        cell = notebook.locator(".jp-Cell").nth(index)
         cell.scroll_into_view_if_needed()
         output = cell.locator(".jp-OutputArea")
         widget = output.locator(".jupyter-widgets").first
@@ -252,7 +260,7 @@ def test_notebook_widget_in_browser(path, lab, browser):
             widget.wait_for(state="visible", timeout=WIDGET_TIMEOUT_S * 1000)
         except Exception:
             raise AssertionError(f"{path.name}: cell {index} shows no rendered widget (.jupyter-widgets)") from None
-        assert "Error displaying widget" not in page.locator(".jp-Notebook").inner_text(), (
+        assert "Error displaying widget" not in notebook.inner_text(), (
             f"{path.name}: 'Error displaying widget' on the page")
         page.wait_for_timeout(500)  # let an interact's first draw land
         cell.screenshot(path=str(ARTIFACTS / f"{path.stem}_before.png"))
@@ -267,7 +275,7 @@ def test_notebook_widget_in_browser(path, lab, browser):
         _wait_until_executed(page, index, WIDGET_TIMEOUT_S)
         page.wait_for_timeout(500)
         cell.screenshot(path=str(ARTIFACTS / f"{path.stem}_after.png"))
-        assert "Error displaying widget" not in page.locator(".jp-Notebook").inner_text()
+        assert "Error displaying widget" not in notebook.inner_text()
         after = page.evaluate(JS_SIGNATURE)
         (ARTIFACTS / f"{path.stem}.json").write_text(json.dumps({
             "notebook": path.name, "widget_cell": index, "action": action,
