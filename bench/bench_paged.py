@@ -1,7 +1,7 @@
 """PagedAdamW vs torch.optim.AdamW on the bundled QLoRA model: step time and bytes moved at three
 device budgets (all state fits, a quarter of it, one page).
 
-    python bench/bench_paged.py [--layers 4] [--seq-len 128] [--steps 8]
+    python bench/bench_paged.py [--layers 4] [--seq-len 64] [--steps 5]
 
 Prints, per optimizer, the mean training-step time (forward + backward + update), the mean update
 time alone, their ratios to torch.optim.AdamW measured in the same run, and the page traffic per step.
@@ -60,9 +60,9 @@ def time_optimizer(model, make_optimizer, batches, warmup):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = build_spike_model(n_layers=args.layers, device=device)
@@ -77,36 +77,34 @@ def main(argv=None):
           f"{state_bytes / 2**20:.2f} MiB of AdamW state; pages of {PAGE_BYTES // 1024} KiB, "
           f"{n_pages} pages; sequence {args.seq_len} tokens; {args.steps} timed steps")
 
-    base_step, base_update, _ = time_optimizer(
-        model, lambda ps: torch.optim.AdamW(ps, lr=2e-4), batches, args.warmup)
-    rows = [("torch.optim.AdamW", base_step, base_update, None)]
-    step, update, _ = time_optimizer(
-        model, lambda ps: torch.optim.AdamW(ps, lr=2e-4, foreach=False), batches, args.warmup)
-    rows.append(("torch.optim.AdamW foreach=False", step, update, None))
+    print(f"{'optimizer':58s} {'step ms':>8s} {'ratio':>6s} {'update ms':>9s} {'ratio':>6s} "
+          f"{'faults/step':>11s} {'MiB to dev/step':>15s} {'MiB to host/step':>16s}", flush=True)
+    base = None
+
+    def report(name, make):
+        nonlocal base
+        step, update, opt = time_optimizer(model, make, batches, args.warmup)
+        base = base or (step, update)
+        traffic = ""
+        if isinstance(opt, PagedAdamW):
+            n, stats = args.steps, opt.stats
+            traffic = (f"{stats['page_faults'] / n:11.0f} {stats['bytes_to_device'] / n / 2**20:15.2f} "
+                       f"{stats['bytes_to_host'] / n / 2**20:16.2f}")
+        print(f"{name:58s} {step * 1e3:8.1f} {step / base[0]:6.2f} {update * 1e3:9.2f} "
+              f"{update / base[1]:6.2f} {traffic}", flush=True)
+
+    report("torch.optim.AdamW", lambda ps: torch.optim.AdamW(ps, lr=2e-4))
+    report("torch.optim.AdamW foreach=False", lambda ps: torch.optim.AdamW(ps, lr=2e-4, foreach=False))
     budgets = [("all fits", n_pages * PAGE_BYTES), ("1/4 of pages", max(1, n_pages // 4) * PAGE_BYTES),
                ("one page", PAGE_BYTES)]
     for label, budget in budgets:
-        step, update, opt = time_optimizer(
-            model, lambda ps: PagedAdamW(ps, lr=2e-4, device_budget_bytes=budget, page_bytes=PAGE_BYTES,
-                                         min_paged_numel=MIN_PAGED), batches, args.warmup)
-        rows.append((f"PagedAdamW, budget {label} ({budget / 2**20:.2f} MiB)", step, update, opt.stats))
+        report(f"PagedAdamW, budget {label} ({budget / 2**20:.2f} MiB)",
+               lambda ps: PagedAdamW(ps, lr=2e-4, device_budget_bytes=budget, page_bytes=PAGE_BYTES,
+                                     min_paged_numel=MIN_PAGED))
     if device.type == "cuda":
         import bitsandbytes as bnb
-        step, update, _ = time_optimizer(model, lambda ps: bnb.optim.PagedAdamW32bit(ps, lr=2e-4), batches,
-                                         args.warmup)
-        rows.append(("bitsandbytes PagedAdamW32bit", step, update, None))
-
-    print(f"{'optimizer':58s} {'step ms':>8s} {'ratio':>6s} {'update ms':>9s} {'ratio':>6s} "
-          f"{'faults/step':>11s} {'MiB to dev/step':>15s} {'MiB to host/step':>16s}")
-    for name, step, update, stats in rows:
-        traffic = ""
-        if stats is not None:
-            n = args.steps
-            traffic = (f"{stats['page_faults'] / n:11.0f} {stats['bytes_to_device'] / n / 2**20:15.2f} "
-                       f"{stats['bytes_to_host'] / n / 2**20:16.2f}")
-        print(f"{name:58s} {step * 1e3:8.1f} {step / base_step:6.2f} {update * 1e3:9.2f} "
-              f"{update / base_update:6.2f} {traffic}")
-    print("ratios are against torch.optim.AdamW (default foreach) in this run")
+        report("bitsandbytes PagedAdamW32bit", lambda ps: bnb.optim.PagedAdamW32bit(ps, lr=2e-4))
+    print("ratios are against torch.optim.AdamW (default foreach) in this run; traffic is per timed step")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ _EXPORTS = {
     "LLAMA_PRESETS": "memory",
     "measure_memory": "measure",
     "PagedAdamW": "paged",
+    "DeviceCeiling": "spike",
+    "DeviceOutOfMemoryError": "spike",
 }
 
 __all__ = sorted(_EXPORTS)

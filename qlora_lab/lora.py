@@ -350,16 +350,19 @@ def peft_key(name: str) -> str:
 
 
 def bnb_peft_model(model_dir, r: int = 16, alpha: float = 32, target_modules="all-linear",
-                   quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.float32):
+                   quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.float32,
+                   **config_overrides):
     """The reference: the model in `model_dir` loaded by transformers with
-    BitsAndBytesConfig(load_in_4bit) on the CPU, then PEFT LoRA on `target_modules`."""
+    BitsAndBytesConfig(load_in_4bit) on the CPU, then PEFT LoRA on `target_modules`.
+    `config_overrides` go to from_pretrained (e.g. num_hidden_layers=4 keeps the first 4 blocks)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32,
-                                                device_map="cpu", local_files_only=True, trust_remote_code=False)
+                                                device_map="cpu", local_files_only=True, trust_remote_code=False,
+                                                **config_overrides)
     return get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
 
 

@@ -333,3 +333,50 @@ def estimate_memory(config, method: str = "qlora", batch_size: int = 1, seq_len:
     return MemoryStack(weights=weights, adapters=adapters, gradients=gradients, optimizer=optimizer_bytes,
                        activations=activations, temporaries=temporaries, pageable=pageable, label=label,
                        notes={"n_params": shape.n_params(), "trainable_params": sum(trainable)})
+
+
+# --- the command line: qlora-lab memory -----------------------------------------------------------------
+
+def add_memory_command(subparsers) -> None:
+    """Register `qlora-lab memory`: print the estimated stack as a table, optionally save the bar."""
+    p = subparsers.add_parser("memory", help="estimate the memory stack of a fine-tuning step",
+                              description="Estimate weights, adapters, gradients, optimizer state, "
+                                          "activations and temporaries of one training step.")
+    p.add_argument("--model", default="7b",
+                   help=f"a preset ({', '.join(LLAMA_PRESETS)}), 'bundled' (SmolLM2-135M) or a config.json path")
+    p.add_argument("--method", default="qlora", choices=METHODS)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--r", type=int, default=64)
+    p.add_argument("--optimizer", default="paged_adamw_32bit", choices=OPTIMIZERS)
+    p.add_argument("--no-checkpointing", action="store_true", help="turn gradient checkpointing off")
+    p.add_argument("--no-double-quant", action="store_true", help="turn double quantization off")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_BYTES))
+    p.add_argument("--plot", metavar="OUT.png", help="also save the stacked bar chart here")
+    p.set_defaults(func=run_memory_command)
+
+
+def bundled_config() -> dict:
+    """The bundled SmolLM2-135M-Instruct's config fields, read from its cached config.json."""
+    from .model import converted_model_dir
+
+    return json.loads((converted_model_dir() / "config.json").read_text())
+
+
+def run_memory_command(args) -> int:
+    config = bundled_config() if args.model == "bundled" else args.model
+    stack = estimate_memory(config, method=args.method, batch_size=args.batch_size, seq_len=args.seq_len,
+                            r=args.r, optimizer=args.optimizer, gradient_checkpointing=not args.no_checkpointing,
+                            compute_dtype=args.dtype, double_quant=not args.no_double_quant)
+    stack.label = f"{args.model}: {stack.label}"
+    print(stack.table("GB"))
+    fitting = [name for name, limit in GPU_BUDGETS.items() if stack.fits(limit)]
+    print("fits on: " + (", ".join(fitting) if fitting else "none of " + ", ".join(GPU_BUDGETS)))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        from .plots import memory_stack_bar
+
+        memory_stack_bar([stack]).savefig(args.plot, dpi=120)
+        print(f"saved {args.plot}")
+    return 0

@@ -263,7 +263,8 @@ class PagedAdamW(torch.optim.Optimizer):
                         _adamw_update(flat_param[start:stop], flat_grad[start:stop],
                                       page[0, :stop - start], page[1, :stop - start], lr, beta1, beta2,
                                       eps, weight_decay, step_size, bias_correction2_sqrt)
-                        self._dirty.add((moments.key, i))
+                        if (moments.key, i) in self._pool:  # evict() may have sent it home already
+                            self._dirty.add((moments.key, i))
                 else:
                     _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr, beta1, beta2, eps,
                                   weight_decay, step_size, bias_correction2_sqrt)

@@ -108,3 +108,77 @@ def plot_bits_per_param(rows: dict):
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+# --- memory plots (qlora_lab.memory, qlora_lab.measure) ---------------------------------------------
+
+def memory_stack_bar(stacks, budgets=None, unit: str = "GB", title: str = "Memory stack of one training step"):
+    """A stacked bar per MemoryStack (list, or dict label -> stack), with horizontal budget lines
+    (default: qlora_lab.memory.GPU_BUDGETS). Paged optimizer state is hatched. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    from .memory import CATEGORIES, GPU_BUDGETS
+
+    scale = {"GB": 2**30, "MB": 2**20}.get(unit)
+    if scale is None:
+        raise ValueError(f"unit must be 'GB' or 'MB', got {unit!r}")
+    items = list(stacks.items()) if isinstance(stacks, dict) else [(s.label, s) for s in stacks]
+    if not items:
+        raise ValueError("stacks must hold at least one MemoryStack")
+    budgets = GPU_BUDGETS if budgets is None else budgets
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(items) + 2.5), 4.2))
+    xs = range(len(items))
+    bottoms = [0.0] * len(items)
+    for cat in CATEGORIES:
+        heights = [s[cat] / scale for _, s in items]
+        ax.bar(xs, heights, bottom=bottoms, color=CATEGORY_COLORS[cat], label=cat, width=0.6)
+        if cat == "optimizer":
+            paged = [s.pageable / scale for _, s in items]
+            ax.bar(xs, paged, bottom=bottoms, color="none", hatch="//", edgecolor="white", width=0.6,
+                   label="pageable to host" if any(paged) else None)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    top = max(bottoms)
+    for name, limit in budgets.items():
+        value = limit / scale
+        if value <= 1.6 * top:
+            ax.axhline(value, color="0.3", linestyle="--", linewidth=0.8)
+            ax.text(len(items) - 0.45, value, f" {name}", va="bottom", ha="right", fontsize=8, color="0.2")
+    ax.set_xticks(list(xs), [label for label, _ in items], fontsize=8)
+    ax.set_ylabel(f"memory ({'GiB' if unit == 'GB' else 'MiB'})")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def memory_timeline(timeline, unit: str = "MB", title: str = "Live memory during one training step"):
+    """A stacked area of live bytes after each op of one step (qlora_lab.measure.Timeline): the
+    baseline (weights, adapters, optimizer state), activations, gradients and temporaries, with the
+    forward / backward / optimizer phases shaded. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    scale = {"GB": 2**30, "MB": 2**20}.get(unit)
+    if scale is None:
+        raise ValueError(f"unit must be 'GB' or 'MB', got {unit!r}")
+    n = len(timeline.phase)
+    if n == 0:
+        raise ValueError("the timeline is empty")
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    series = [[v / scale for v in timeline.baseline], [v / scale for v in timeline.activations],
+              [v / scale for v in timeline.gradients], [v / scale for v in timeline.temporaries]]
+    ax.stackplot(range(n), *series, colors=[CATEGORY_COLORS["weights"], CATEGORY_COLORS["activations"],
+                                            CATEGORY_COLORS["gradients"], CATEGORY_COLORS["temporaries"]],
+                 labels=["weights + adapters + optimizer", "activations", "gradients", "temporaries"])
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or timeline.phase[i] != timeline.phase[start]:
+            ax.axvspan(start, i, color="0.9" if len(set(timeline.phase[:start + 1])) % 2 else "0.97", zorder=-1)
+            ax.text((start + i) / 2, 0.98, timeline.phase[start], transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=8)
+            start = i
+    ax.set_xlabel("op index")
+    ax.set_ylabel(f"live memory ({'MiB' if unit == 'MB' else 'GiB'})")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig

@@ -245,15 +245,30 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     return double_quantize(q) if double_quant else q
 
 
-def double_quantize(q: Quantized4bit) -> Quantized4bit:
+def double_quantize(q: Quantized4bit, blocksize2: int = DQ_BLOCKSIZE) -> Quantized4bit:
     """Double quantization of q's constants (QLoRA, section 3): subtract their mean (the offset,
-    kept in float32), quantize the rest to 8 bits with the dynamic code in blocks of 256, one
-    float32 absmax per block. The 4-bit codes are unchanged."""
+    kept in float32), quantize the rest to 8 bits with the dynamic code in blocks of `blocksize2`
+    (256 in QLoRA and bitsandbytes), one float32 absmax per block. The 4-bit codes are unchanged."""
     if q.double_quant:
         raise ValueError("q is already double-quantized")
+    check_blocksize(blocksize2, "blocksize2")
     offset = q.absmax.mean()
-    codes, absmax2 = blockwise8.quantize(q.absmax - offset, DQ_BLOCKSIZE)
-    return replace(q, absmax=codes, offset=offset, absmax2=absmax2)
+    codes, absmax2 = blockwise8.quantize(q.absmax - offset, blocksize2)
+    return replace(q, absmax=codes, offset=offset, absmax2=absmax2, blocksize2=blocksize2)
+
+
+def quantize_with_code(x: torch.Tensor, code: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Round trip of x through any sorted codebook (e.g. a k-bit NormalFloat): blockwise absmax,
+    nearest code value, back to float32. For comparing codes; quantize_4bit is the storage format."""
+    check_weight(x, "x")
+    check_blocksize(blocksize)
+    values = code.to(x.device).sort().values
+    flat = x.detach().reshape(-1).float()
+    pad = -flat.numel() % blocksize
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1, keepdim=True).clamp(min=1e-38)
+    index = torch.bucketize(blocks / absmax, (values[:-1] + values[1:]) / 2)
+    return (values[index] * absmax).view(-1)[: flat.numel()].view(x.shape)
 
 
 def absmax_quantize(x: torch.Tensor, bits: int = 8, blocksize: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,10 @@ def stub_code(source: str) -> str:
     functions = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     out = [STUB]
     for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and ANSWER_NAME.fullmatch(node.name):
+            # A function that is the answer: its signature as a hint, the name None until written.
+            out += [*(f"# {line}" for line in _signature(node).splitlines()), f"{node.name} = None"]
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             out += ["", _signature(node), ""]
         for name, value in _answer_assignments(node):
             hint = f"  # once {value.id} works: {name} = {value.id}" if isinstance(value, ast.Name) \
@@ -104,7 +107,7 @@ def student_copy(nb):
     if copy.cells and copy.cells[0].cell_type == "markdown":
         head = copy.cells[0]
         head.source = re.sub(r"notebooks/solutions/(\w+)_solutions\.ipynb", r"notebooks/\1.ipynb", head.source)
-        head.source = re.sub(r"^(#[^\n]*?):? solutions\s*$", r"\1: exercises", head.source, count=1, flags=re.M)
+        head.source = re.sub(r"^(#[^\n]*?):? solutions[ \t]*$", r"\1: exercises", head.source, count=1, flags=re.M)
     return copy
 
 
@@ -127,7 +130,7 @@ def make_copies(source: Path, out: Path, force: bool = False) -> list[Path]:
     clashes = [t for t in targets if t.exists()] if not (ours or force) else []
     if clashes:
         raise FileExistsError(f"would overwrite {', '.join(map(str, clashes))}; pass --force to replace them")
-    if any(t.resolve() == p.resolve() for t, p in zip(targets, solutions)):
+    if out.resolve() == Path(source).resolve():
         raise ValueError("--out must not be the solutions folder itself")
     out.mkdir(parents=True, exist_ok=True)
     for path, target in zip(solutions, targets):

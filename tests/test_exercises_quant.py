@@ -28,9 +28,10 @@ def test_nbytes():
 
 
 def test_packing():
-    assert blockwise.check_packing([0x3C, 0x70]).ok
-    assert "swapped" in blockwise.check_packing([0xC3, 0x07]).message
-    assert "pads" in blockwise.check_packing([0x3C, 7]).message
+    assert blockwise.check_packing([0x3C, 0x79]).ok
+    assert "swapped" in blockwise.check_packing([0xC3, 0x97]).message
+    assert "x16" in blockwise.check_packing([42, 79]).message
+    assert "2 bytes" in blockwise.check_packing([0x3C]).message
 
 
 def test_positive_half():

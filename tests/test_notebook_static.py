@@ -106,11 +106,13 @@ def test_title_and_colab_badge(path):
     assert badge in first.source, f"{path.name}: the Colab badge must be exactly {badge}"
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
+@pytest.mark.parametrize("path", EVERY, ids=_ids(EVERY))
 def test_header_lines(path):
     first = _read(path).cells[0].source
     for label in ("**You will build:**", "**You need:**", "**Time:**"):
         assert label in first, f"{path.name}: the first cell lacks the line {label}"
+    time_line = first.split("**Time:**", 1)[1].splitlines()[0]
+    assert re.match(r"\s*~?\d", time_line), f"{path.name}: the Time line needs a measured number: {time_line!r}"
 
 
 @pytest.mark.parametrize("path", EVERY, ids=_ids(EVERY))
@@ -329,3 +331,21 @@ def test_solutions_fill_every_exercise(path):
     assert len(asserts) >= len(solutions), f"{path.name}: each solution needs `assert fb.ok, fb.message`"
     assert len(_checker_calls(section)) >= len(solutions), f"{path.name}: a checker call per solution"
     assert _imports_exercises(nb), f"{path.name}: the checkers must come from qlora_lab.exercises"
+
+
+# --- the README and the instructors' page point at files that exist ----------------------------------
+
+@pytest.mark.parametrize("page", ["README.md", "docs/INSTRUCTORS.md"])
+def test_local_links_resolve(page):
+    path = REPO / page
+    assert path.is_file(), f"{page} is missing"
+    targets = re.findall(r"\]\((?!https?://|#)([^)\s]+)\)", path.read_text())
+    missing = sorted({t for t in targets if not (path.parent / t.split("#")[0]).exists()})
+    assert not missing, f"{page} links to files that do not exist: {missing}"
+
+
+def test_readme_maps_the_whole_course():
+    readme = (REPO / "README.md").read_text()
+    for name in COURSE:
+        assert f"notebooks/{name}.ipynb" in readme, f"README's course map lacks {name}"
+        assert BADGE.format(path=f"{name}.ipynb") in readme, f"README lacks the Colab badge of {name}"

@@ -132,3 +132,22 @@ def test_real_qlora_model_spike():
     assert adamw.failed_step == 1
     assert paged.completed and paged.steps[1].evictions > 0 and paged.steps[1].page_faults > 0
     assert all(s.peak_bytes <= ceiling for s in paged.steps)
+
+
+def test_pressure_inside_the_update_keeps_adamw_exact():
+    page_bytes = 8 * 4096
+    w = torch.nn.Parameter(torch.randn(3 * 4096))
+    w_ref = torch.nn.Parameter(w.detach().clone())
+    opt = PagedAdamW([w], lr=1e-2, device_budget_bytes=3 * page_bytes, page_bytes=page_bytes, min_paged_numel=1)
+    ref = torch.optim.AdamW([w_ref], lr=1e-2, foreach=False)
+    ceiling = DeviceCeiling(int(2.5 * page_bytes), on_pressure=[opt.evict])  # the pool cannot fill up
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grad = torch.randn(w.shape, generator=g)
+        w.grad, w_ref.grad = grad.clone(), grad.clone()
+        with ceiling:
+            opt.step()
+        ref.step()
+    assert torch.equal(w, w_ref)
+    assert ceiling.peak_bytes <= 2.5 * page_bytes and ceiling.pressure_freed_bytes > 0
+    assert opt.stats["peak_device_bytes"] <= 3 * page_bytes

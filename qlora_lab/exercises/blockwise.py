@@ -8,7 +8,7 @@ INT8_VALUES = [0.1, -0.5, 2.0, 0.3, -1.27]
 # Exercise 2: bytes of a 4096 x 4096 matrix in 4 bits, one float32 absmax per 64 values.
 BYTES_SHAPE, BYTES_BLOCKSIZE = (4096, 4096), 64
 # Exercise 3: these 4-bit codes packed in bitsandbytes' layout.
-PACK_CODES = [3, 12, 7]
+PACK_CODES = [3, 12, 7, 9]
 
 
 def int8_truth() -> list[int]:
@@ -70,7 +70,7 @@ def check_nbytes(answer) -> Feedback:
 
 
 def pack_truth() -> list[int]:
-    codes = PACK_CODES + [0] * (len(PACK_CODES) % 2)
+    codes = PACK_CODES
     return [(codes[i] << 4) | codes[i + 1] for i in range(0, len(codes), 2)]
 
 
@@ -84,13 +84,12 @@ def check_packing(answer) -> Feedback:
         return Feedback(False, f"Give a list of ints, got {answer!r}.")
     truth = pack_truth()
     if got == truth:
-        return Feedback(True, f"{[hex(b) for b in truth]}: 3 and 12 share byte 0 (0x3C), 7 sits alone in the high "
-                              "nibble of byte 1 with a zero pad below it (0x70).")
+        return Feedback(True, f"{[hex(b) for b in truth]}: 3 and 12 share byte 0 (0x3C), 7 and 9 byte 1 (0x79).")
     swapped = [((b & 15) << 4) | (b >> 4) for b in truth]
     if got == swapped:
         return Feedback(False, "The nibbles are swapped: the even-index code goes in the HIGH nibble (code << 4).")
-    if got[:1] == truth[:1] and got[1:] == [7]:
-        return Feedback(False, "An odd count pads the last byte: the 7 goes in the high nibble, 7 << 4 = 0x70.")
+    if got == [PACK_CODES[i] * 10 + PACK_CODES[i + 1] for i in range(0, len(PACK_CODES), 2)]:
+        return Feedback(False, "Shift, don't write digits side by side: a nibble is 4 bits, so the high code is worth x16.")
     if len(got) != len(truth):
-        return Feedback(False, f"{len(PACK_CODES)} codes need {len(truth)} bytes (two per byte, the last padded).")
+        return Feedback(False, f"{len(PACK_CODES)} codes need {len(truth)} bytes (two per byte).")
     return Feedback(False, f"Expected {len(truth)} bytes; byte 0 should be (3 << 4) | 12. You have {got}.")
