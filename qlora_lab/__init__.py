@@ -30,6 +30,13 @@ _EXPORTS = {
     "LLAMA_PRESETS": "memory",
     "measure_memory": "measure",
     "PagedAdamW": "paged",
+    "FinetuneConfig": "finetune",
+    "train": "finetune",
+    "load_split": "data",
+    "read_jsonl": "data",
+    "save_bundle": "bundle",
+    "load_bundle": "bundle",
+    "perplexity_table": "evaluate",
     "DeviceCeiling": "spike",
     "DeviceOutOfMemoryError": "spike",
 }

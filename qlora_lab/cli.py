@@ -3,9 +3,11 @@ in the module of its idea; this file only wires them together."""
 import argparse
 import sys
 
+from .doctor import add_doctor_command
+from .finetune import add_finetune_command
 from .memory import add_memory_command
 
-COMMANDS = (add_memory_command,)
+COMMANDS = (add_memory_command, add_finetune_command, add_doctor_command,)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +23,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, FileExistsError) as err:
         print(f"qlora-lab {args.command}: error: {err}", file=sys.stderr)
         return 2
 

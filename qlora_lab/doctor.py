@@ -217,20 +217,34 @@ def summary(requirements_file: str | Path | None = None) -> str:
     return f"doctor: {len(checks) - len(bad)}/{len(checks)} OK, {listed} (run python -m qlora_lab.doctor)"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Print the full report; return 1 if any check FAILs."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m qlora_lab.doctor", description=__doc__.splitlines()[0])
-    parser.add_argument("--requirements", type=Path, default=None,
-                        help="requirements file to compare against (default: the checkout's requirements.txt)")
-    args = parser.parse_args(argv)
-    checks = run_checks(args.requirements)
+def report(requirements_file: str | Path | None = None) -> int:
+    """Print the full report; return 1 if any check FAILs, else 0."""
+    checks = run_checks(requirements_file)
     for check in checks:
         print(check)
     counts = {status: sum(c.status == status for c in checks) for status in STATUSES}
     print(f"\n{counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL")
     return 1 if counts["FAIL"] else 0
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument("--requirements", type=Path, default=None,
+                        help="requirements file to compare against (default: the checkout's requirements.txt)")
+
+
+def add_doctor_command(subparsers) -> None:
+    """`qlora-lab doctor`: the same report as `python -m qlora_lab.doctor`."""
+    parser = subparsers.add_parser("doctor", help="check that this environment is ready for the course")
+    _add_arguments(parser)
+    parser.set_defaults(func=lambda args: report(args.requirements))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m qlora_lab.doctor", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    return report(parser.parse_args(argv).requirements)
 
 
 def _normalise(name: str) -> str:

@@ -5,7 +5,8 @@ crashes on frozen parameters unless they are skipped):
 
 - weights:     frozen parameters, buffers and frozen quantized storage (a Quantized4bit's packed
                codes and constants, a bitsandbytes Params4bit's quant_state), unique storages.
-- adapters:    parameters with requires_grad=True.
+- adapters:    parameters with requires_grad=True of a model with a frozen base; when every
+               parameter trains (full fine-tuning) they are weights.
 - gradients:   the .grad tensors after backward.
 - optimizer:   every tensor in optimizer.state after the step.
 - activations: tensors autograd saves for backward, caught with torch.autograd.graph.saved_tensors_hooks
@@ -218,10 +219,12 @@ def measure_memory(model: torch.nn.Module, batch, optimizer: torch.optim.Optimiz
 
 def _measure_step(model, batch, optimizer, loss_fn, label):
     params = list(model.parameters())
+    frozen_params = [p for p in params if not p.requires_grad]
+    trained = [p for p in params if p.requires_grad]
     weights, weight_keys = _unique_bytes(
-        [p for p in params if not p.requires_grad] + list(model.buffers())
+        frozen_params + (trained if not frozen_params else []) + list(model.buffers())
         + [t for m in model.modules() for t in _quantized_tensors(m)])
-    adapters, adapter_keys = _unique_bytes([p for p in params if p.requires_grad], weight_keys)
+    adapters, adapter_keys = _unique_bytes(trained if frozen_params else [], weight_keys)
     frozen = weight_keys | adapter_keys
     optimizer_bytes, opt_keys = _unique_bytes(_optimizer_tensors(optimizer), frozen)
     batch_tensors = list(batch.values()) if isinstance(batch, dict) else [batch]
@@ -269,7 +272,7 @@ def _measure_step(model, batch, optimizer, loss_fn, label):
     stack = MemoryStack(weights=weights, adapters=adapters, gradients=gradients,
                         optimizer=max(optimizer_bytes, optimizer_after), activations=activations,
                         temporaries=tracker.max_transient, label=label)
-    stack.peak = tracker.baseline + max(tracker.timeline.total)
+    stack.peak = max(tracker.timeline.total)
     if cuda:
         stack.allocator_peak = torch.cuda.max_memory_allocated() - start_allocated + tracker.baseline
     return stack, tracker.timeline

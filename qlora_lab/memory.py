@@ -249,16 +249,20 @@ def temporaries_bytes(shape: Shape, batch_size: int, seq_len: int, dtype_bytes: 
     - a layer's backward: gradients flowing through it, about 4*intermediate + 4*h per token
       (these are the paper's "LoRA input gradients"), plus, with checkpointing, the recomputed
       activations of that one layer;
-    - the optimizer step: torch.optim.AdamW (single-tensor, as on CPU) makes a temporary the size of
-      the largest trainable tensor, in fp32 (the sqrt of the second moment).
+    - the optimizer step: torch.optim.AdamW (single-tensor, its CPU default) holds two temporaries the
+      size of the largest trainable tensor (sqrt of the second moment, then its division) in fp32;
+      the foreach version (CUDA default) makes such temporaries per parameter group, not estimated;
+    - full fine-tuning with a tied embedding: its two gradients (lm_head and embedding) are summed
+      into a third buffer: 3 * vocab * h * dtype bytes.
     """
     tokens = batch_size * seq_len
     loss = tokens * shape.vocab * (dtype_bytes + 8) if dtype_bytes != 4 else tokens * shape.vocab * 8
     layer = tokens * (4 * shape.intermediate + 4 * shape.hidden) * dtype_bytes
     if gradient_checkpointing:
         layer += layer_activation_bytes(shape, batch_size, seq_len, dtype_bytes, method, r, targets)
-    step = 4 * largest_trainable
-    return max(loss, layer, step)
+    step = 2 * 4 * largest_trainable
+    tied = 3 * shape.vocab * shape.hidden * dtype_bytes if (method == "full" and shape.tied) else 0
+    return max(loss, layer, step, tied)
 
 
 def _check_positive_int(name: str, value) -> None:

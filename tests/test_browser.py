@@ -18,6 +18,7 @@ How it works:
 Without Chromium the test is skipped locally and fails in CI (CI=true). Set QLORA_LAB_NOTEBOOK_DIR to
 check another copy of the course.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -248,7 +249,7 @@ def test_notebook_widget_in_browser(path, lab, browser):
         # A workspace of its own, reset, so no tab of an earlier notebook is restored beside it.
         page.goto(f"{base}/lab/workspaces/{path.stem}/tree/{path.name}?reset&token={token}",
                   wait_until="domcontentloaded")
-        _wait_for(page, JS_NOTEBOOK_READY, timeout_s=120, what="the notebook and an idle kernel")
+        _wait_for(page, JS_NOTEBOOK_READY, timeout_s=180, what="the notebook and an idle kernel")
         page.evaluate(JS_RUN_THROUGH, index)
         _wait_until_executed(page, index, CELL_TIMEOUT_S)
         notebook = page.locator(".jp-NotebookPanel:visible .jp-Notebook")
@@ -277,6 +278,7 @@ def test_notebook_widget_in_browser(path, lab, browser):
         cell.screenshot(path=str(ARTIFACTS / f"{path.stem}_after.png"))
         assert "Error displaying widget" not in notebook.inner_text()
         after = page.evaluate(JS_SIGNATURE)
+        assert after != before, f"{path.name}: {action}, but once the kernel settled the output was as before"
         (ARTIFACTS / f"{path.stem}.json").write_text(json.dumps({
             "notebook": path.name, "widget_cell": index, "action": action,
             "seconds": round(time.monotonic() - started, 1),
@@ -284,7 +286,8 @@ def test_notebook_widget_in_browser(path, lab, browser):
             "output_after_sha256": hashlib.sha256(after.encode()).hexdigest(),
             "page_errors": console_errors}, indent=2))
     except BaseException:
-        page.screenshot(path=str(ARTIFACTS / f"{path.stem}_failure.png"), full_page=True)
+        with contextlib.suppress(Exception):  # the failure itself matters more than its picture
+            page.screenshot(path=str(ARTIFACTS / f"{path.stem}_failure.png"), full_page=True)
         raise
     finally:
         _shutdown_kernels(base, token)

@@ -127,3 +127,10 @@ def test_module_entry_point():
                             timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK    bitsandbytes backend" in result.stdout
+
+
+def test_console_script_subcommand(capsys):
+    from qlora_lab.cli import main
+
+    assert main(["doctor"]) == 0
+    assert "OK    model cache" in capsys.readouterr().out

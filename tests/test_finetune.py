@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+from qlora_lab import finetune as ft
+
+TINY = dict(steps=4, batch_size=2, num_layers=2, save_every=2, max_length=64, n_train=16, lr=1e-3, warmup_steps=1)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ft.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tok):
+    return ft.train(ft.FinetuneConfig(**TINY), tmp_path_factory.mktemp("full") / "run", tokenizer=tok,
+                    progress=False)
+
+
+def test_lr_schedule_and_batches():
+    cfg = ft.FinetuneConfig(lr=1.0, warmup_steps=3)
+    assert [ft.lr_at(cfg, s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    first = ft.batch_indices(10, 4, 0, seed=1) + ft.batch_indices(10, 4, 4, seed=1) + ft.batch_indices(10, 2, 8, seed=1)
+    assert sorted(first) == list(range(10))  # one epoch visits every example once
+    assert ft.batch_indices(10, 4, 8, seed=1)[2:] == ft.batch_indices(10, 2, 10, seed=1)  # crosses into epoch 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="peft"), "backend must be one of"),
+    (dict(steps=0), "steps must be a positive int"),
+    (dict(lr=-1.0), "lr must be a positive number"),
+    (dict(num_layers=0), "num_layers must be None or a positive int"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ft.FinetuneConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_loss_falls_and_checkpoints_are_complete(full_run):
+    log = full_run["log"]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert log[-1]["loss"] < log[0]["loss"]
+    assert all(r["memory_bytes"] > 0 and r["grad_norm"] > 0 for r in log)
+    ckpts = sorted(p.name for p in (full_run["out"] / ft.CHECKPOINTS).iterdir())
+    assert ckpts == ["step-000002", "step-000004"]  # no temporary folders left behind
+    assert json.loads((full_run["out"] / ft.LOG_FILE).read_text()) == log
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_curve(tmp_path, tok, full_run):
+    out = tmp_path / "run"
+
+    def crash(step, record):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ft.train(ft.FinetuneConfig(**TINY), out, tokenizer=tok, callback=crash, progress=False)
+    assert ft.latest_checkpoint(out).name == "step-000002"
+    (out / ft.CHECKPOINTS / "step-000003").mkdir()  # a half-written checkpoint has no state.json: ignored
+    with pytest.raises(FileExistsError, match="resume"):
+        ft.train(ft.FinetuneConfig(**TINY), out, tokenizer=tok, progress=False)
+    with pytest.raises(ValueError, match="differ"):
+        ft.train(ft.FinetuneConfig(**{**TINY, "lr": 2e-3}), out, resume=True, tokenizer=tok, progress=False)
+    resumed = ft.train(ft.FinetuneConfig(**TINY), out, resume=True, tokenizer=tok, progress=False)
+    assert ft.max_loss_difference(resumed["log"], full_run["log"]) <= 1e-6
+    a = ft.adapter_params(resumed["model"])
+    b = ft.adapter_params(full_run["model"])
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_backends_agree(tmp_path, tok, full_run):
+    bnb = ft.train(ft.FinetuneConfig(**{**TINY, "backend": "bnb"}), tmp_path / "bnb", tokenizer=tok, progress=False)
+    assert ft.max_loss_difference(bnb["log"], full_run["log"]) < 1e-4
+    assert isinstance(bnb["optimizer"], torch.optim.AdamW)
