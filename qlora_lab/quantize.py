@@ -10,6 +10,10 @@ How a weight becomes 4 bits:
    code values; a value equal to a midpoint goes to the lower code.
 4. Pack two codes per byte, the even-index element in the high nibble.
 With double quantization the absmax constants are themselves quantized (see blockwise8.py).
+
+The reference is bitsandbytes 0.50's CPU path. On CUDA the same torch ops run; bitsandbytes' CUDA
+kernel uses its own decimal thresholds, so there a value within float rounding of a threshold may
+get the neighbouring code (not checked here: no GPU was available).
 """
 import sys
 from dataclasses import dataclass, replace

@@ -8,5 +8,6 @@ if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg
+# Two pytest workers on two cores: one thread each, so they never oversubscribe the CPU.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1
 exec .venv/bin/python -m pytest -n 2 --dist loadfile -p no:cacheprovider tests notebooks --nbval-lax "$@"

@@ -15,6 +15,9 @@ How it works:
   waits for the kernel and checks that the rendered output of the notebook (image bytes, text)
   changed. Screenshots before and after go to test-artifacts/browser/.
 
+The kernels see QLORA_LAB_BROWSER_TEST=1: a notebook whose widget sits behind a long computation may
+use it to pick smaller settings (and must say so in its first cell, per the notebook style).
+
 Without Chromium the test is skipped locally and fails in CI (CI=true). Set QLORA_LAB_NOTEBOOK_DIR to
 check another copy of the course.
 """
@@ -83,7 +86,8 @@ def lab(tmp_path_factory):
     course = root / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, course, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     port, token = _free_port(), secrets.token_hex(16)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(root / "runtime"),
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", QLORA_LAB_BROWSER_TEST="1",
+               JUPYTER_RUNTIME_DIR=str(root / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(root / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(root / "workspaces"))
     notification = root / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)

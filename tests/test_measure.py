@@ -43,7 +43,8 @@ def _run(model, method, seq, ckpt, r=8):
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_tiny_model_parameter_side_is_exact(method):
     measured, estimated, timeline = _run(_tiny(), method, 64, False)
-    for cat in ("weights", "adapters", "gradients"):
+    assert 0 <= measured.weights - estimated.weights <= 1024  # rotary inv_freq buffers aside
+    for cat in ("adapters", "gradients"):
         assert measured[cat] == estimated[cat], cat
     assert abs(measured.optimizer - estimated.optimizer) <= 4 * 300  # step counters aside
     assert set(timeline.phase) == set(PHASES)
