@@ -56,8 +56,9 @@ def quantize(x: torch.Tensor, blocksize: int = 256) -> tuple[torch.Tensor, torch
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 256) -> torch.Tensor:
     """Float32 values back from (codes, absmax): code value * block absmax."""
-    code = dynamic_code(codes.device)
     n = codes.numel()
-    values = code[codes.reshape(-1).int()]
-    block = torch.arange(n, device=codes.device) // blocksize
-    return (values * absmax[block]).view(codes.shape)
+    nblocks = absmax.numel()
+    values = torch.zeros(nblocks * blocksize, dtype=torch.float32, device=codes.device)
+    torch.index_select(dynamic_code(codes.device), 0, codes.reshape(-1).int(), out=values[:n])
+    values.view(nblocks, blocksize).mul_(absmax[:, None])
+    return values[:n].view(codes.shape)

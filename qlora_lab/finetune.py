@@ -428,6 +428,10 @@ def _run_finetune_command(args) -> int:
                             grad_accum=args.grad_accum, lr=args.lr, r=args.r, alpha=2.0 * args.r,
                             save_every=args.save_every, seed=args.seed,
                             gradient_checkpointing=args.gradient_checkpointing)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise FileExistsError(f"output folder {out} exists and is not empty; pass --resume to continue "
+                              f"that run or --overwrite to replace it")
     heldout = data.load_split("heldout")[:args.n_heldout]
     tokenizer = load_tokenizer()
     model = build_model(config)

@@ -47,8 +47,9 @@ ARTIFACTS = REPO / "test-artifacts" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-# A cell builds a widget when it calls interact/interactive or constructs an ipywidgets control.
-WIDGET_CELL = re.compile(r"\binteract(ive)?(_manual)?\s*\(|\bwidgets\.[A-Z]\w*\s*\(")
+# A cell builds a widget when it calls interact/interactive, constructs an ipywidgets control, or
+# calls a package helper named *_widget(...) (e.g. qlora_lab.planner.planner_widget()).
+WIDGET_CELL = re.compile(r"\binteract(ive)?(_manual|_output)?\s*\(|\bwidgets\.[A-Z]\w*\s*\(|\b\w+_widget\s*\(")
 SERVER_START_S = 120
 CELL_TIMEOUT_S = 600  # one notebook's cells up to its widget, on a busy 2-core machine
 WIDGET_TIMEOUT_S = 120
@@ -60,7 +61,8 @@ def _widget_cell_index(path: Path) -> int:
     for index, cell in enumerate(cells):
         if cell.cell_type == "code" and WIDGET_CELL.search(cell.source):
             return index
-    raise ValueError(f"{path.name}: no cell builds an ipywidgets control (interact(...) or widgets.X(...))")
+    raise ValueError(f"{path.name}: no cell builds an ipywidgets control (interact(...), widgets.X(...), "
+                     "or a *_widget(...) helper)")
 
 
 def _free_port() -> int:
@@ -180,6 +182,27 @@ JS_SIGNATURE = """() => {
 }"""
 
 
+# Errors raised inside a widget's callback land in its Output widget, not in the cell's own outputs.
+JS_WIDGET_TRACEBACKS = """() => Array.from(window.jupyterapp.shell.currentWidget.node.querySelectorAll(
+  '.widget-output .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+  .map(el => el.innerText).filter(text => text.includes('Traceback'))"""
+SETTLED_S = 2.0
+
+
+def _wait_settled(page, timeout_s):
+    """The rendered output once it has stopped changing for SETTLED_S seconds (a plot drawn after a
+    print arrives later than the print)."""
+    deadline = time.monotonic() + timeout_s
+    last, since = page.evaluate(JS_SIGNATURE), time.monotonic()
+    while time.monotonic() - since < SETTLED_S:
+        assert time.monotonic() < deadline, f"the output kept changing for {timeout_s} s"
+        page.wait_for_timeout(250)
+        now = page.evaluate(JS_SIGNATURE)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 def _wait_for(page, predicate_js, arg=None, timeout_s=60.0, what="condition"):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -267,9 +290,9 @@ def test_notebook_widget_in_browser(path, lab, browser):
             raise AssertionError(f"{path.name}: cell {index} shows no rendered widget (.jupyter-widgets)") from None
         assert "Error displaying widget" not in notebook.inner_text(), (
             f"{path.name}: 'Error displaying widget' on the page")
-        page.wait_for_timeout(500)  # let an interact's first draw land
+        before = _wait_settled(page, WIDGET_TIMEOUT_S)  # let an interact's first draw land
         cell.screenshot(path=str(ARTIFACTS / f"{path.stem}_before.png"))
-        before = page.evaluate(JS_SIGNATURE)
+        assert not page.evaluate(JS_WIDGET_TRACEBACKS), f"{path.name}: the widget's first draw raised"
         control = output.locator(CONTROLS).first
         assert control.count(), f"{path.name}: cell {index} has a widget but no control to operate"
         action = _operate(control)
@@ -278,10 +301,11 @@ def test_notebook_widget_in_browser(path, lab, browser):
             assert time.monotonic() < deadline, f"{path.name}: {action}, but no output changed in {WIDGET_TIMEOUT_S} s"
             page.wait_for_timeout(250)
         _wait_until_executed(page, index, WIDGET_TIMEOUT_S)
-        page.wait_for_timeout(500)
+        after = _wait_settled(page, WIDGET_TIMEOUT_S)
         cell.screenshot(path=str(ARTIFACTS / f"{path.stem}_after.png"))
         assert "Error displaying widget" not in notebook.inner_text()
-        after = page.evaluate(JS_SIGNATURE)
+        tracebacks = page.evaluate(JS_WIDGET_TRACEBACKS)
+        assert not tracebacks, f"{path.name}: the widget's callback raised: {tracebacks[0][:2000]}"
         assert after != before, f"{path.name}: {action}, but once the kernel settled the output was as before"
         (ARTIFACTS / f"{path.stem}.json").write_text(json.dumps({
             "notebook": path.name, "widget_cell": index, "action": action,

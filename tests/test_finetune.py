@@ -81,3 +81,11 @@ def test_backends_agree(tmp_path, tok, full_run):
     bnb = ft.train(ft.FinetuneConfig(**{**TINY, "backend": "bnb"}), tmp_path / "bnb", tokenizer=tok, progress=False)
     assert ft.max_loss_difference(bnb["log"], full_run["log"]) < 1e-4
     assert isinstance(bnb["optimizer"], torch.optim.AdamW)
+
+
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    from qlora_lab.cli import main
+    (tmp_path / "keep.txt").write_text("an earlier run")
+    assert main(["finetune", "--steps", "1", "--out", str(tmp_path)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "an earlier run"

@@ -43,7 +43,7 @@ def _run(model, method, seq, ckpt, r=8):
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_tiny_model_parameter_side_is_exact(method):
     measured, estimated, timeline = _run(_tiny(), method, 64, False)
-    assert 0 <= measured.weights - estimated.weights <= 1024  # rotary inv_freq buffers aside
+    assert 0 <= measured.weights - estimated.weights <= 4096  # rotary inv_freq buffers, shared 1 KiB lookup tables
     for cat in ("adapters", "gradients"):
         assert measured[cat] == estimated[cat], cat
     assert abs(measured.optimizer - estimated.optimizer) <= 4 * 300  # step counters aside
