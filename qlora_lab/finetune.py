@@ -21,7 +21,7 @@ import resource
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +58,6 @@ class FinetuneConfig:
     num_layers: int | None = None  # keep only the first N decoder blocks (tests); None: all
     n_train: int | None = None  # use only the first N training examples; None: all
     device: str | None = None  # None: CUDA when present, else CPU
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

@@ -310,6 +310,7 @@ def test_notebook_widget_in_browser(path, lab, browser):
         (ARTIFACTS / f"{path.stem}.json").write_text(json.dumps({
             "notebook": path.name, "widget_cell": index, "action": action,
             "seconds": round(time.monotonic() - started, 1),
+            "images_in_widget_cell_after": output.locator("img").count(),
             "output_before_sha256": hashlib.sha256(before.encode()).hexdigest(),
             "output_after_sha256": hashlib.sha256(after.encode()).hexdigest(),
             "page_errors": console_errors}, indent=2))

@@ -14,9 +14,9 @@ TINY = dict(steps=3, batch_size=2, num_layers=2, save_every=3, max_length=64, n_
 def shipped(tmp_path_factory):
     root = tmp_path_factory.mktemp("ship")
     run = ft.train(ft.FinetuneConfig(**TINY), root / "run", progress=False)
-    path = bundle.save_bundle(run["model"], run["tokenizer"], run_config := ft.FinetuneConfig(**TINY),
-                              root / "bundle", n_reference=3)
-    return path, run, run_config
+    config = ft.FinetuneConfig(**TINY)
+    path = bundle.save_bundle(run["model"], run["tokenizer"], config, root / "bundle", n_reference=3)
+    return path, run, config
 
 
 @pytest.mark.slow
