@@ -1,6 +1,8 @@
 """Plots of the course. Each function returns a matplotlib Figure; each memory category keeps one
 colour in every plot."""
 
+from matplotlib.ticker import LogFormatter
+
 # The memory stack's categories, bottom of a stacked bar first, each with its colour.
 CATEGORY_COLORS = {
     "weights": "#4C72B0",
@@ -85,6 +87,9 @@ def plot_error_histograms(errors: dict, title: str):
         ax.hist(e.numpy(), bins=60, range=(0, top), histtype="step", lw=1.5,
                 label=f"{label}: mean {float(e.mean()):.2e}")
     ax.set(yscale="log", xlabel="|error|", ylabel="count", title=title)
+    # Plain tick labels (1, 10, 100): the default 10^k labels go through mathtext, whose parser
+    # failed inside a widget callback in the browser test.
+    ax.yaxis.set_major_formatter(LogFormatter())
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
