@@ -12,14 +12,13 @@ the reference outputs and compares them token for token. The bundle is written i
 and renamed into place; an existing bundle is not replaced unless overwrite=True.
 """
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import data
+from .atomic import write_dir_atomically
 
 QUANT_FILE = "quantization_config.json"
 REFERENCE_FILE = "reference_outputs.json"
@@ -37,9 +36,8 @@ def save_bundle(model, tokenizer, config, path, overwrite: bool = False, n_refer
     final = Path(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"bundle folder {final} exists; pass overwrite=True to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+
+    def write(tmp: Path):
         if _is_peft(model):
             model.save_pretrained(tmp / "adapter")
         else:
@@ -54,13 +52,8 @@ def save_bundle(model, tokenizer, config, path, overwrite: bool = False, n_refer
         answers = data.generate_answers(model, tokenizer, examples)
         (tmp / REFERENCE_FILE).write_text(json.dumps(
             [{"prompt": e["prompt"], "output": a} for e, a in zip(examples, answers)], indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_dir_atomically(final, write)
 
 
 def load_bundle(path, quantize: bool = True, device: str | torch.device = "cpu"):

@@ -20,7 +20,6 @@ import random
 import resource
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import data
+from .atomic import write_dir_atomically
 from .device import compute_dtype as pick_compute_dtype
 
 BACKENDS = ("qlora_lab", "bnb")
@@ -215,26 +215,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic_dir(final: Path, write) -> Path:
-    """Call write(tmp_folder), then rename tmp_folder to `final` (replacing an older copy)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
 def save_checkpoint(out: Path, step: int, model, optimizer, log: list[dict], config: FinetuneConfig) -> Path:
     """Write checkpoints/step-NNNNNN atomically: adapter.safetensors, optimizer.pt, rng.pt, state.json."""
     def write(tmp: Path):
@@ -245,7 +225,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, log: list[dict], con
         state = {"step": step, "data_position": step * config.batch_size * config.grad_accum,
                  "log": log, "config": asdict(config)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    return _write_atomic_dir(Path(out) / CHECKPOINTS / f"step-{step:06d}", write)
+    return write_dir_atomically(Path(out) / CHECKPOINTS / f"step-{step:06d}", write)
 
 
 def latest_checkpoint(out) -> Path | None:
