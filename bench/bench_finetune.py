@@ -22,13 +22,9 @@ def one(kind: str, steps: int, num_layers, batch_size: int) -> dict:
     config = ft.FinetuneConfig(backend="bnb" if kind == "bnb" else "qlora_lab", steps=steps, batch_size=batch_size,
                                num_layers=num_layers, save_every=steps)
     if kind == "lora_fp":
-        from transformers import AutoModelForCausalLM
-
         from qlora_lab.lora import add_lora
-        from qlora_lab.model import converted_model_dir
-        overrides = {} if num_layers is None else {"num_hidden_layers": num_layers}
-        model = AutoModelForCausalLM.from_pretrained(converted_model_dir(), dtype=torch.float32,
-                                                     local_files_only=True, **overrides)
+        from qlora_lab.model import load_pretrained
+        model = load_pretrained(num_layers, dtype=torch.float32)
         device = ft._device(config)
         model.to(ft.pick_compute_dtype(device))
         add_lora(model, r=config.r, alpha=config.alpha, quantize=None)

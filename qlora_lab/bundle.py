@@ -60,10 +60,10 @@ def load_bundle(path, quantize: bool = True, device: str | torch.device = "cpu")
     """(model, tokenizer) rebuilt from the bundle: the bundled base model (its first
     run_config["num_layers"] blocks if the run used fewer) with the adapter on top, quantized as the
     bundle says (quantize=False: the adapter on the full-precision base instead)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .adapters import load_adapter
-    from .model import converted_model_dir
+    from .model import load_pretrained
 
     folder = Path(path)
     for needed in ("adapter", QUANT_FILE, "tokenizer", "run_config.json"):
@@ -71,9 +71,7 @@ def load_bundle(path, quantize: bool = True, device: str | torch.device = "cpu")
             raise FileNotFoundError(f"{folder} is not a complete bundle: {needed} is missing")
     quant = json.loads((folder / QUANT_FILE).read_text())
     run = json.loads((folder / "run_config.json").read_text())
-    overrides = {} if run.get("num_layers") is None else {"num_hidden_layers": run["num_layers"]}
-    model = AutoModelForCausalLM.from_pretrained(converted_model_dir(), dtype=torch.float32, local_files_only=True,
-                                                 trust_remote_code=False, **overrides)
+    model = load_pretrained(run.get("num_layers"), dtype=torch.float32)
     load_adapter(model, folder / "adapter", quantize=quant["quant_type"] if quantize else None,
                  double_quant=quant["double_quant"])
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True, trust_remote_code=False)

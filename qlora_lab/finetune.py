@@ -107,10 +107,6 @@ def _device(config: FinetuneConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _overrides(config: FinetuneConfig) -> dict:
-    return {} if config.num_layers is None else {"num_hidden_layers": config.num_layers}
-
-
 def load_tokenizer():
     from transformers import AutoTokenizer
 
@@ -121,17 +117,13 @@ def load_tokenizer():
 def build_model(config: FinetuneConfig):
     """The 4-bit base with LoRA adapters for config.backend, on config's device, adapters initialised
     by init_adapters(seed). Returns the model (the PEFT model for "bnb")."""
-    from .model import converted_model_dir
+    from .model import load_pretrained
 
     device = _device(config)
     cdtype = pick_compute_dtype(device)
-    path = converted_model_dir()
     if config.backend == "qlora_lab":
-        from transformers import AutoModelForCausalLM
-
         from .lora import add_lora
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True,
-                                                     trust_remote_code=False, **_overrides(config))
+        model = load_pretrained(config.num_layers, dtype=torch.float32)
         if cdtype != torch.float32:
             model.to(cdtype)
         add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules, quantize="nf4",
@@ -142,13 +134,11 @@ def build_model(config: FinetuneConfig):
                 p.data = p.data.float()
     else:
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import BitsAndBytesConfig
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                  bnb_4bit_use_double_quant=config.double_quant, bnb_4bit_compute_dtype=cdtype)
-        base = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=bnb, dtype=cdtype, device_map={"": str(device) if device.type == "cpu"
-                                                                     else device.index or 0},
-            local_files_only=True, trust_remote_code=False, **_overrides(config))
+        base = load_pretrained(config.num_layers, quantization_config=bnb, dtype=cdtype,
+                               device_map={"": str(device) if device.type == "cpu" else device.index or 0})
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=0.0,
                           target_modules=config.target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)

@@ -67,15 +67,31 @@ def converted_model_dir() -> Path:
     return target
 
 
+def load_pretrained(num_layers: int | None = None, **kwargs):
+    """AutoModelForCausalLM.from_pretrained of the bundled model, offline; kwargs go to it.
+    num_layers keeps only the first N decoder blocks: the checkpoint's other blocks are then
+    expected leftovers, so transformers' load report listing them is not printed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if num_layers is None:
+        return AutoModelForCausalLM.from_pretrained(converted_model_dir(), local_files_only=True,
+                                                    trust_remote_code=False, **kwargs)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(converted_model_dir(), local_files_only=True,
+                                                    trust_remote_code=False, num_hidden_layers=num_layers, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_base_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Return (model, tokenizer) of the bundled SmolLM2-135M-Instruct, offline, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    path = converted_model_dir()
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=False, local_files_only=True
-    ).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    model = load_pretrained(dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(converted_model_dir(), trust_remote_code=False, local_files_only=True)
     model.eval()
     return model, tokenizer
 
