@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,19 @@ TINY = dict(steps=4, batch_size=2, num_layers=2, save_every=2, max_length=64, n_
 
 class Interrupt(Exception):
     pass
+
+
+# Trains TINY in the run folder argv[1] and SIGKILLs itself once step 3 is done (checkpoint 2 written).
+KILLED_AT_STEP_3 = """
+import json, os, signal, sys
+from qlora_lab import finetune as ft
+
+def kill(step, record):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ft.train(ft.FinetuneConfig(**json.loads(sys.argv[2])), sys.argv[1], callback=kill, progress=False)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +86,26 @@ def test_interrupted_run_resumes_to_the_same_curve(tmp_path, tok, full_run):
     with pytest.raises(ValueError, match="differ"):
         ft.train(ft.FinetuneConfig(**{**TINY, "lr": 2e-3}), out, resume=True, tokenizer=tok, progress=False)
     resumed = ft.train(ft.FinetuneConfig(**TINY), out, resume=True, tokenizer=tok, progress=False)
+    assert ft.max_loss_difference(resumed["log"], full_run["log"]) <= 1e-6
+    a = ft.adapter_params(resumed["model"])
+    b = ft.adapter_params(full_run["model"])
+    assert max(float((a[k] - b[k]).detach().abs().max()) for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_curve(tmp_path, tok, full_run):
+    """A run hard-killed (SIGKILL) after step 3 resumes from checkpoint 2 to the uninterrupted curve."""
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    child = subprocess.run([sys.executable, "-c", KILLED_AT_STEP_3, str(out), json.dumps(TINY)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr
+    assert sorted(p.name for p in (out / ft.CHECKPOINTS).iterdir()) == ["step-000002"]  # no temp folders
+    assert not (out / ft.LOG_FILE).exists()
+    ran = []
+    resumed = ft.train(ft.FinetuneConfig(**TINY), out, resume=True, tokenizer=tok, progress=False,
+                       callback=lambda step, record: ran.append(step))
+    assert ran == [3, 4]  # continued from the checkpoint rather than starting over
     assert ft.max_loss_difference(resumed["log"], full_run["log"]) <= 1e-6
     a = ft.adapter_params(resumed["model"])
     b = ft.adapter_params(full_run["model"])
