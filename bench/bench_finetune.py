@@ -16,25 +16,10 @@ RUNS = ("qlora_lab", "bnb", "lora_fp")
 
 
 def one(kind: str, steps: int, num_layers, batch_size: int) -> dict:
-    import torch
-
     from qlora_lab import finetune as ft
     config = ft.FinetuneConfig(backend="bnb" if kind == "bnb" else "qlora_lab", steps=steps, batch_size=batch_size,
-                               num_layers=num_layers, save_every=steps)
-    if kind == "lora_fp":
-        from qlora_lab.lora import add_lora
-        from qlora_lab.model import load_pretrained
-        model = load_pretrained(num_layers, dtype=torch.float32)
-        device = ft._device(config)
-        model.to(ft.pick_compute_dtype(device))
-        add_lora(model, r=config.r, alpha=config.alpha, quantize=None)
-        model.to(device)
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        ft.init_adapters(model, config.seed)
-    else:
-        model = ft.build_model(config)
+                               num_layers=num_layers, save_every=steps, quantize=kind != "lora_fp")
+    model = ft.build_model(config)
     times = []
     t = [time.perf_counter()]
 

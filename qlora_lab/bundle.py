@@ -42,7 +42,8 @@ def save_bundle(model, tokenizer, config, path, overwrite: bool = False, n_refer
             model.save_pretrained(tmp / "adapter")
         else:
             save_adapter(model, tmp / "adapter")
-        quant = {"quant_type": "nf4", "double_quant": bool(config.double_quant), "blocksize": 64,
+        quant = {"quant_type": "nf4" if config.quantize else None, "double_quant": bool(config.double_quant),
+                 "blocksize": 64,
                  "compute_dtype": str(next(iter(model.parameters())).dtype).removeprefix("torch."),
                  "trained_with": config.backend}
         (tmp / QUANT_FILE).write_text(json.dumps(quant, indent=1))

@@ -25,17 +25,37 @@ def _block_linears(model) -> dict[str, torch.nn.Linear]:
 
 
 @torch.no_grad()
-def example_losses(model, tokenizer, examples: list[dict]) -> torch.Tensor:
-    """Mean next-token loss (nats) of each example's full chat text, shape (n,), and token counts."""
+def example_losses(model, tokenizer, examples: list[dict], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean next-token loss in nats, number of predicted tokens) of each example's full chat text,
+    both shape (n,), float64. Examples run in right-padded batches; padding carries no loss."""
+    if not examples:
+        raise ValueError("example_losses needs at least one example")
+    device = next(model.parameters()).device
     losses, counts = [], []
-    for e in examples:
-        ids, _ = data.encode_example(tokenizer, e)
-        ids = torch.tensor([ids])
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
-        losses.append(float(nll) / (ids.shape[1] - 1))
-        counts.append(ids.shape[1] - 1)
-    return torch.tensor(losses, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+    for start in range(0, len(examples), batch_size):
+        encoded = [data.encode_example(tokenizer, e)[0] for e in examples[start:start + batch_size]]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.zeros((len(encoded), width), dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, row in enumerate(encoded):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        keep = mask[:, 1:].to(nll.dtype)
+        counts.append(keep.sum(1).double().cpu())
+        losses.append(((nll * keep).sum(1).double() / keep.sum(1).double()).cpu())
+    return torch.cat(losses), torch.cat(counts)
+
+
+def _perplexity(losses: torch.Tensor, counts: torch.Tensor) -> float:
+    return math.exp(float((losses * counts).sum() / counts.sum()))
+
+
+def perplexity(model, tokenizer, examples: list[dict]) -> float:
+    """exp(total loss / total predicted tokens) of the examples' full chat texts."""
+    return _perplexity(*example_losses(model, tokenizer, examples))
 
 
 @torch.no_grad()
@@ -59,7 +79,7 @@ def perplexity_table(model, tokenizer, examples: list[dict], variants=tuple(VARI
                     w = quantize_4bit(w, quant_type=spec[0], blocksize=64, double_quant=spec[1]).dequantize()
                 m.weight.copy_(w.to(m.weight.dtype))
             losses, counts = example_losses(model, tokenizer, examples)
-            table[name] = {"ppl": math.exp(float((losses * counts).sum() / counts.sum())), "losses": losses}
+            table[name] = {"ppl": _perplexity(losses, counts), "losses": losses}
     finally:
         for k, m in linears.items():
             m.weight.copy_(original[k])

@@ -50,6 +50,7 @@ class FinetuneConfig:
     r: int = 8
     alpha: float = 16.0
     target_modules: str | list = "all-linear"
+    quantize: bool = True  # False: LoRA on the unquantized base (16-bit LoRA), to compare with QLoRA
     double_quant: bool = True
     max_length: int = 64
     seed: int = 0
@@ -71,6 +72,9 @@ class FinetuneConfig:
         for name in ("lr", "max_grad_norm", "alpha"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        for name in ("quantize", "double_quant", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("num_layers", "n_train"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -115,8 +119,9 @@ def load_tokenizer():
 
 
 def build_model(config: FinetuneConfig):
-    """The 4-bit base with LoRA adapters for config.backend, on config's device, adapters initialised
-    by init_adapters(seed). Returns the model (the PEFT model for "bnb")."""
+    """The base (NF4 when config.quantize, else in the compute dtype) with LoRA adapters for
+    config.backend, on config's device, adapters initialised by init_adapters(seed). Returns the
+    model (the PEFT model for "bnb")."""
     from .model import load_pretrained
 
     device = _device(config)
@@ -126,8 +131,9 @@ def build_model(config: FinetuneConfig):
         model = load_pretrained(config.num_layers, dtype=torch.float32)
         if cdtype != torch.float32:
             model.to(cdtype)
-        add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules, quantize="nf4",
-                 double_quant=config.double_quant, compute_dtype=cdtype)
+        add_lora(model, r=config.r, alpha=config.alpha, target_modules=config.target_modules,
+                 quantize="nf4" if config.quantize else None, double_quant=config.double_quant,
+                 compute_dtype=cdtype if config.quantize else None)
         model.to(device)
         for p in model.parameters():  # adapters train in float32, as PEFT keeps them
             if p.requires_grad:
@@ -135,10 +141,11 @@ def build_model(config: FinetuneConfig):
     else:
         from peft import LoraConfig, get_peft_model
         from transformers import BitsAndBytesConfig
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                 bnb_4bit_use_double_quant=config.double_quant, bnb_4bit_compute_dtype=cdtype)
-        base = load_pretrained(config.num_layers, quantization_config=bnb, dtype=cdtype,
-                               device_map={"": str(device) if device.type == "cpu" else device.index or 0})
+        quant = {} if not config.quantize else {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=config.double_quant,
+            bnb_4bit_compute_dtype=cdtype)}
+        base = load_pretrained(config.num_layers, dtype=cdtype,
+                               device_map={"": str(device) if device.type == "cpu" else device.index or 0}, **quant)
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=0.0,
                           target_modules=config.target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)
@@ -262,7 +269,9 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, config: FinetuneConfi
                 diff = {k: (before.get(k), v) for k, v in now.items() if k != "steps" and before.get(k) != v}
                 if diff:
                     raise ValueError(f"--resume with settings that differ from the run in {out}: "
-                                     f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }")
+                                     f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }; resume with "
+                                     f"the same settings, use another folder, or overwrite=True (--overwrite) "
+                                     f"to start afresh")
             return
         if not overwrite:
             raise FileExistsError(f"output folder {out} exists and is not empty; pass resume=True (--resume) "

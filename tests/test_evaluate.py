@@ -2,18 +2,28 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from qlora_lab import data, evaluate
 from qlora_lab.finetune import load_tokenizer
-from qlora_lab.model import converted_model_dir
+from qlora_lab.model import load_pretrained
 
 
 @pytest.fixture(scope="module")
 def small():
-    model = AutoModelForCausalLM.from_pretrained(converted_model_dir(), dtype=torch.float32, local_files_only=True,
-                                                 num_hidden_layers=2)
-    return model.eval(), load_tokenizer()
+    return load_pretrained(2, dtype=torch.float32).eval(), load_tokenizer()
+
+
+def test_batched_losses_match_one_at_a_time(small):
+    model, tok = small
+    examples = data.load_split("heldout")[:5]
+    batched, counts = evaluate.example_losses(model, tok, examples, batch_size=5)
+    single, _ = evaluate.example_losses(model, tok, examples, batch_size=1)
+    assert torch.allclose(batched, single, atol=1e-5)  # right padding leaks into no example's loss
+    ids = torch.tensor([data.encode_example(tok, examples[0])[0]])
+    with torch.no_grad():
+        hf_loss = model(input_ids=ids, labels=ids).loss  # transformers' own shifted mean loss
+    assert counts[0] == ids.shape[1] - 1
+    assert math.isclose(evaluate.perplexity(model, tok, examples[:1]), math.exp(float(hf_loss)), rel_tol=1e-5)
 
 
 @pytest.mark.slow
@@ -36,3 +46,5 @@ def test_unknown_variant(small):
     model, tok = small
     with pytest.raises(ValueError, match="variants must be among"):
         evaluate.perplexity_table(model, tok, data.load_split("heldout")[:1], variants=("NF8",))
+    with pytest.raises(ValueError, match="at least one example"):
+        evaluate.example_losses(model, tok, [])

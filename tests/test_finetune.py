@@ -119,6 +119,15 @@ def test_backends_agree(tmp_path, tok, full_run):
     assert isinstance(bnb["optimizer"], torch.optim.AdamW)
 
 
+def test_quantize_false_keeps_the_base_unquantized():
+    from qlora_lab.lora import LoRALinear, LoRALinear4bit, lora_layers
+    plain = lora_layers(ft.build_model(ft.FinetuneConfig(num_layers=1, quantize=False))).values()
+    assert plain and all(type(layer) is LoRALinear for layer in plain)
+    assert all(type(layer) is LoRALinear4bit for layer in lora_layers(ft.build_model(ft.FinetuneConfig(num_layers=1))).values())
+    with pytest.raises(TypeError, match="quantize must be True or False"):
+        ft.FinetuneConfig(quantize="nf4")
+
+
 def test_cli_refuses_to_overwrite(tmp_path, capsys):
     from qlora_lab.cli import main
     (tmp_path / "keep.txt").write_text("an earlier run")
