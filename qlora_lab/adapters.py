@@ -1,13 +1,13 @@
 """Save and load LoRA adapters in PEFT's format, so PEFT loads what qlora_lab saves and back.
 
-A folder holds two files:
-- adapter_config.json: PEFT's LoraConfig fields (peft_type "LORA", r, lora_alpha, lora_dropout,
-  target_modules, ...), base_model_name_or_path, and one extra key, "qlora_lab", with a fingerprint
-  of the base model (model type, sizes, and the shape of each targeted layer) so that loading an
-  adapter onto another base model fails with a clear message. PEFT ignores the extra key (it
-  warns about an unknown key and loads the rest).
+A folder holds three files:
+- adapter_config.json: PEFT's LoraConfig fields only (peft_type "LORA", r, lora_alpha,
+  lora_dropout, target_modules, ...) and base_model_name_or_path, so PEFT reads it as its own.
 - adapter_model.safetensors: the A and B matrices under PEFT's key names,
   "base_model.model.<module name>.lora_A.weight" and "....lora_B.weight".
+- qlora_lab_base.json: a fingerprint of the base model (model type, sizes, and the shape of each
+  targeted layer) and how it was quantized, so that loading the adapter onto another base model
+  fails with a clear message. PEFT does not read it; an adapter saved by PEFT has none.
 """
 import json
 from pathlib import Path
@@ -19,6 +19,7 @@ from .lora import LoRALinear4bit, add_lora, find_target_modules, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_NAME = "qlora_lab_base.json"
 PEFT_PREFIX = "base_model.model."
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "vocab_size")
@@ -68,11 +69,11 @@ def save_adapter(model, path) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "qlora_lab": {
-            "fingerprint": base_fingerprint(model),
-            "quantize": quantized[0].weight_4bit.quant_type if quantized else None,
-            "double_quant": quantized[0].weight_4bit.double_quant if quantized else False,
-        },
+    }
+    base = {
+        "fingerprint": base_fingerprint(model),
+        "quantize": quantized[0].weight_4bit.quant_type if quantized else None,
+        "double_quant": quantized[0].weight_4bit.double_quant if quantized else False,
     }
     tensors = {}
     for name, layer in layers.items():
@@ -82,6 +83,7 @@ def save_adapter(model, path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2) + "\n")
+    (folder / BASE_NAME).write_text(json.dumps(base, indent=2) + "\n")
     return folder
 
 
@@ -118,9 +120,9 @@ def load_adapter(model, path, quantize: str | None = "nf4", double_quant: bool =
     weights_file = folder / WEIGHTS_NAME
     if not weights_file.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-    saved = config.get("qlora_lab", {}).get("fingerprint")
-    if saved:
-        _check_fingerprint(model, saved, folder)
+    base_file = folder / BASE_NAME
+    if base_file.is_file():
+        _check_fingerprint(model, json.loads(base_file.read_text())["fingerprint"], folder)
     if not lora_layers(model):
         targets = config["target_modules"]
         find_target_modules(model, targets)  # a clear error if the adapter targets layers this model lacks

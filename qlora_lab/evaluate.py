@@ -18,7 +18,8 @@ VARIANTS = {"fp32": None, "Int4": ("int4", False), "FP4": ("fp4", False), "NF4":
 PAPER_TABLE2 = {"Int4": 34.34, "FP4": 31.07, "NF4+DQ": 27.41}  # mean PPL, QLoRA Table 2 (FP4 = E2M1)
 
 
-def _block_linears(model) -> dict[str, torch.nn.Linear]:
+def block_linears(model) -> dict[str, torch.nn.Linear]:
+    """Every Linear of the decoder blocks (what QLoRA quantizes), keyed "<block>.<module name>"."""
     layers = model.model.layers
     return {f"{i}.{n}": m for i, layer in enumerate(layers) for n, m in layer.named_modules()
             if isinstance(m, torch.nn.Linear)}
@@ -67,7 +68,7 @@ def perplexity_table(model, tokenizer, examples: list[dict], variants=tuple(VARI
         raise ValueError(f"variants must be among {list(VARIANTS)}, got {unknown}")
     from .quantize import quantize_4bit
 
-    linears = _block_linears(model)
+    linears = block_linears(model)
     original = {k: m.weight.detach().clone() for k, m in linears.items()}
     table = {}
     try:

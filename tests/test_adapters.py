@@ -37,7 +37,8 @@ def test_save_writes_peft_files_and_round_trips(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert "base_model_name_or_path" in config
-    fp = config["qlora_lab"]["fingerprint"]
+    assert "qlora_lab" not in config  # PEFT's file holds PEFT's fields only
+    fp = json.loads((tmp_path / "qlora_lab_base.json").read_text())["fingerprint"]
     assert fp["hidden_size"] == 64 and fp["num_hidden_layers"] == 2 and fp["target_shapes"]["down_proj"] == [64, 128]
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys

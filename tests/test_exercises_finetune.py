@@ -24,3 +24,18 @@ def test_perplexity_checker():
     assert ex_eval.check_perplexity(math.exp((20 + 90) / 40)).ok
     fb = ex_eval.check_perplexity(math.exp(2.5))
     assert not fb.ok and "token count" in fb.message
+
+
+def test_adapter_bytes_checker():
+    import torch
+
+    from qlora_lab.lora import add_lora
+    from qlora_lab.model import load_pretrained
+    model = add_lora(load_pretrained(dtype=torch.float32), r=ex_eval.ADAPTER_R, alpha=16, quantize=None)
+    real = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert ex_eval.check_adapter_bytes(real).ok  # the checker's truth is the real model's adapter size
+    assert not ex_eval.check_adapter_bytes(None).attempted
+    assert "4 bytes" in ex_eval.check_adapter_bytes(real // 4).message
+    assert "30 of them" in ex_eval.check_adapter_bytes(real // 30).message
+    assert "off by +1" in ex_eval.check_adapter_bytes(real + 1).message
+    assert "Give an int" in ex_eval.check_adapter_bytes(9.8e6).message

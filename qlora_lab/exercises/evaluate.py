@@ -26,3 +26,42 @@ def check_perplexity(answer) -> Feedback:
     if math.isclose(answer, sum(math.exp(x) for x in PPL_LOSSES) / 2, rel_tol=1e-6):
         return Feedback(False, "That averages the perplexities; average the losses first, then take exp.")
     return Feedback(False, f"{answer:.4f} is off by {answer - truth:+.4f}; perplexity = exp(total nats / total tokens).")
+
+
+# Exercise 2: the size of the shipped adapter file's tensors, r=8 on all seven linear layers of each
+# block of the bundled model, stored in float32.
+ADAPTER_R, ADAPTER_BYTES_PER_VALUE = 8, 4
+
+
+def adapter_bytes_truth() -> dict:
+    """{"bytes": the adapter's tensor bytes, plus the values of the likely mistakes}."""
+    from ..lora import adapter_param_count
+    from ..memory import bundled_config, model_shape
+    shape = model_shape(bundled_config())
+    per_layer = {name: adapter_param_count(i, o, ADAPTER_R) for name, (i, o) in shape.linears().items()}
+    values = shape.layers * sum(per_layer.values())
+    attention = shape.layers * sum(v for k, v in per_layer.items() if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    return {"bytes": values * ADAPTER_BYTES_PER_VALUE, "values": values, "fp16": values * 2,
+            "one_layer": sum(per_layer.values()) * ADAPTER_BYTES_PER_VALUE,
+            "attention_only": attention * ADAPTER_BYTES_PER_VALUE, "layers": shape.layers}
+
+
+def check_adapter_bytes(answer) -> Feedback:
+    """Bytes of the LoRA tensors (A and B of every adapted layer) of the bundled model at r=8, float32."""
+    if answer is None:
+        return not_attempted("`answer` (an int: bytes)")
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        return Feedback(False, f"Give an int number of bytes, got {answer!r}.")
+    t = adapter_bytes_truth()
+    if answer == t["bytes"]:
+        return Feedback(True, f"{answer:,} bytes ({answer / 1e6:.2f} MB): r x (in + out) values per layer, 7 layers "
+                              f"per block, {t['layers']} blocks, 4 bytes each. The 4-bit base is not in the bundle.")
+    mistakes = {"values": "That is the number of values; each float32 value takes 4 bytes.",
+                "fp16": "That counts 2 bytes per value; the adapter trains and is saved in float32 (4 bytes).",
+                "one_layer": f"That is one block; the model has {t['layers']} of them.",
+                "attention_only": "That covers q, k, v and o only; the run adapts the MLP's gate, up and down too."}
+    for key, hint in mistakes.items():
+        if answer == t[key]:
+            return Feedback(False, hint)
+    return Feedback(False, f"{answer:,} is off by {answer - t['bytes']:+,} bytes; an adapter on an (in -> out) layer "
+                           f"holds A (r x in) and B (out x r).")
