@@ -74,14 +74,13 @@ def load_pretrained(num_layers: int | None = None, **kwargs):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    if num_layers is None:
-        return AutoModelForCausalLM.from_pretrained(converted_model_dir(), local_files_only=True,
-                                                    trust_remote_code=False, **kwargs)
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    if num_layers is not None:
+        kwargs["num_hidden_layers"] = num_layers
+        hf_logging.set_verbosity_error()
     try:
         return AutoModelForCausalLM.from_pretrained(converted_model_dir(), local_files_only=True,
-                                                    trust_remote_code=False, num_hidden_layers=num_layers, **kwargs)
+                                                    trust_remote_code=False, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -134,3 +134,14 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     assert main(["finetune", "--steps", "1", "--out", str(tmp_path)]) == 2
     assert "--resume" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "an earlier run"
+
+
+@pytest.mark.slow
+def test_cli_runs_scores_and_ships(tmp_path, capsys):
+    from qlora_lab.cli import main
+    out = tmp_path / "run"
+    assert main(["finetune", "--steps", "1", "--out", str(out), "--n-heldout", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "exact match before: 0.0% (2 examples)" in printed and "exact match after:" in printed
+    assert ft.latest_checkpoint(out).name == "step-000001"
+    assert (out / "bundle" / "adapter" / "adapter_config.json").is_file()

@@ -40,7 +40,7 @@ def adapter_bytes_truth() -> dict:
     shape = model_shape(bundled_config())
     per_layer = {name: adapter_param_count(i, o, ADAPTER_R) for name, (i, o) in shape.linears().items()}
     values = shape.layers * sum(per_layer.values())
-    attention = shape.layers * sum(v for k, v in per_layer.items() if k.endswith(("q_proj", "k_proj", "v_proj", "o_proj")))
+    attention = shape.layers * sum(v for k, v in per_layer.items() if k in ("q_proj", "k_proj", "v_proj", "o_proj"))
     return {"bytes": values * ADAPTER_BYTES_PER_VALUE, "values": values, "fp16": values * 2,
             "one_layer": sum(per_layer.values()) * ADAPTER_BYTES_PER_VALUE,
             "attention_only": attention * ADAPTER_BYTES_PER_VALUE, "layers": shape.layers}
