@@ -146,6 +146,8 @@ def build_model(config: FinetuneConfig):
             bnb_4bit_compute_dtype=cdtype)}
         base = load_pretrained(config.num_layers, dtype=cdtype,
                                device_map={"": str(device) if device.type == "cpu" else device.index or 0}, **quant)
+        from .lora import keep_bnb_weights_unpacked
+        keep_bnb_weights_unpacked(base)
         lora = LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=0.0,
                           target_modules=config.target_modules, task_type="CAUSAL_LM")
         model = get_peft_model(base, lora)

@@ -349,6 +349,21 @@ def peft_key(name: str) -> str:
     return name.removeprefix("base_model.model.").replace(".default.", ".")
 
 
+def keep_bnb_weights_unpacked(model: nn.Module) -> nn.Module:
+    """Stop bitsandbytes' CPU inference shortcut on `model`'s Linear4bit layers, in place.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in eval mode (for an
+    input without grad) into a layout only its bfloat16 kernel reads; from then on the layer computes
+    in bfloat16 and passes no gradient back to its input, even in train mode. Training and a
+    comparison with float32 training need the plain dequantize-then-matmul path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def bnb_peft_model(model_dir, r: int = 16, alpha: float = 32, target_modules="all-linear",
                    quant_type: str = "nf4", double_quant: bool = True, compute_dtype=torch.float32,
                    **config_overrides):
@@ -363,6 +378,7 @@ def bnb_peft_model(model_dir, r: int = 16, alpha: float = 32, target_modules="al
     base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.float32,
                                                 device_map="cpu", local_files_only=True, trust_remote_code=False,
                                                 **config_overrides)
+    keep_bnb_weights_unpacked(base)
     return get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules))
 
 

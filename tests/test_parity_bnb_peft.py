@@ -62,3 +62,13 @@ def test_smollm2_nf4_dq_matches_bitsandbytes_and_peft():
     assert result["n_grads"] == 2 * 30 * 7
     assert result["max_abs_logits"] <= 1e-4, result
     assert result["max_rel_grad"] <= 1e-4, result
+
+
+def test_reference_keeps_bitsandbytes_on_its_float32_path():
+    """bitsandbytes' AVX512-BF16 CPU shortcut (eval mode) would repack the reference's weights and compute in bf16."""
+    ref = bnb_peft_model(converted_model_dir(), r=4, alpha=8, num_hidden_layers=1).eval()
+    with torch.no_grad():
+        ref(torch.tensor([[1, 2, 3]]))
+    layer = ref.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert not layer.support_avx512bf16_for_cpu
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
