@@ -23,3 +23,11 @@ class Feedback:
 def not_attempted(what: str) -> Feedback:
     """Feedback for an answer left as None."""
     return Feedback(ok=False, attempted=False, message=f"Fill in {what}, then run this cell again.")
+
+
+def wrong_type(answer, kind, what: str) -> Feedback | None:
+    """Feedback when `answer` is not a `kind` (int, or (int, float) for any number; True and False
+    never count as numbers), else None. `what` names the answer wanted, e.g. "a whole number of pages"."""
+    if isinstance(answer, bool) or not isinstance(answer, kind):
+        return Feedback(False, f"Give {what}, got {answer!r} ({type(answer).__name__}).")
+    return None

@@ -1,7 +1,7 @@
 """Checkers for notebook 01 (blockwise quantization)."""
 import torch
 
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 # Exercise 1: absmax int8 codes of these values (one scale for all).
 INT8_VALUES = [0.1, -0.5, 2.0, 0.3, -1.27]
@@ -50,8 +50,8 @@ def check_nbytes(answer) -> Feedback:
     """Bytes of a 4096 x 4096 matrix stored as 4-bit codes plus one float32 absmax per 64 values."""
     if answer is None:
         return not_attempted("`answer` (an int: bytes of codes plus constants)")
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        return Feedback(False, f"Give a number of bytes, got {answer!r}.")
+    if (wrong := wrong_type(answer, (int, float), "a number of bytes")) is not None:
+        return wrong
     n = BYTES_SHAPE[0] * BYTES_SHAPE[1]
     truth = bytes_truth()
     if answer == truth:

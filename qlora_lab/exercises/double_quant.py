@@ -1,5 +1,5 @@
 """Checkers for notebook 03 (double quantization)."""
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 # Exercise 1: bits per parameter at first-level block 128, second-level block 256.
 BPP_BLOCKSIZE, BPP_BLOCKSIZE2 = 128, 256
@@ -15,8 +15,8 @@ def check_bits_per_param(answer) -> Feedback:
     """Bits per parameter of NF4 + DQ with blocksize 128 and 256 (no per-tensor offset)."""
     if answer is None:
         return not_attempted("`answer` (a float: bits per parameter)")
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        return Feedback(False, f"Give a number, got {answer!r}.")
+    if (wrong := wrong_type(answer, (int, float), "a number")) is not None:
+        return wrong
     truth = bpp_truth()
     if abs(answer - truth) < 1e-4:
         return Feedback(True, f"{truth:.4f}: 4 for the code, 8/128 for the 8-bit constants, 32/(128*256) for the "
@@ -40,8 +40,8 @@ def check_saving_gb(answer) -> Feedback:
     """Gigabytes (1e9 bytes) double quantization saves on a 33B model at blocksize 64."""
     if answer is None:
         return not_attempted("`answer` (a float: GB saved, 1 GB = 1e9 bytes)")
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        return Feedback(False, f"Give a number of GB, got {answer!r}.")
+    if (wrong := wrong_type(answer, (int, float), "a number of GB")) is not None:
+        return wrong
     truth = saving_truth()
     if abs(answer - truth) / truth < 0.01:
         return Feedback(True, f"{truth:.2f} GB: 0.373 bits x 33e9 parameters / 8 bits per byte.")

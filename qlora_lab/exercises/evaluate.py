@@ -1,7 +1,7 @@
 """Checkers for notebook 07 (evaluate and ship)."""
 import math
 
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 # Exercise 1: perplexity of two examples with mean losses 2.0 and 3.0 nats over 10 and 30 tokens.
 PPL_LOSSES, PPL_TOKENS = (2.0, 3.0), (10, 30)
@@ -16,8 +16,8 @@ def check_perplexity(answer) -> Feedback:
     """Token-weighted perplexity of the two examples."""
     if answer is None:
         return not_attempted("`answer` (a float: the perplexity)")
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        return Feedback(False, f"Give a number, got {answer!r}.")
+    if (wrong := wrong_type(answer, (int, float), "a number")) is not None:
+        return wrong
     truth = ppl_truth()
     if math.isclose(answer, truth, rel_tol=1e-6):
         return Feedback(True, f"{truth:.4f}: exp of the mean loss per token, weighting each example by its tokens.")
@@ -50,8 +50,8 @@ def check_adapter_bytes(answer) -> Feedback:
     """Bytes of the LoRA tensors (A and B of every adapted layer) of the bundled model at r=8, float32."""
     if answer is None:
         return not_attempted("`answer` (an int: bytes)")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return Feedback(False, f"Give an int number of bytes, got {answer!r}.")
+    if (wrong := wrong_type(answer, int, "an int number of bytes")) is not None:
+        return wrong
     t = adapter_bytes_truth()
     if answer == t["bytes"]:
         return Feedback(True, f"{answer:,} bytes ({answer / 1e6:.2f} MB): r x (in + out) values per layer, 7 layers "

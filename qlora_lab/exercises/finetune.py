@@ -1,5 +1,5 @@
 """Checkers for notebook 06 (the QLoRA fine-tune)."""
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 # Exercise 1: the answer-only loss mask. A sequence of 10 tokens whose first 7 are the chat prompt.
 MASK_PROMPT_LEN, MASK_SEQ_LEN, IGNORE = 7, 10, -100
@@ -38,8 +38,8 @@ def check_warmup_lr(answer) -> Feedback:
     if answer is None:
         return not_attempted("`answer` (a float: the learning rate)")
     truth = lr_at(FinetuneConfig(lr=WARMUP_LR, warmup_steps=WARMUP_STEPS), WARMUP_STEP)
-    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
-        return Feedback(False, f"Give a number, got {answer!r}.")
+    if (wrong := wrong_type(answer, (int, float), "a number")) is not None:
+        return wrong
     if abs(answer - truth) <= 1e-12:
         return Feedback(True, f"{truth:.6g}: the rate climbs by lr/(warmup+1) per step, then stays at lr.")
     if abs(answer - WARMUP_LR * WARMUP_STEP / WARMUP_STEPS) <= 1e-12:

@@ -1,7 +1,7 @@
 """Checkers for notebook 04 (the 4-bit LoRA layer)."""
 import torch
 
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 # Exercise 1: trainable parameters of one adapter on SmolLM2's up_proj (in 576, out 1536).
 PARAMS_IN, PARAMS_OUT, PARAMS_R = 576, 1536, 8
@@ -17,8 +17,8 @@ def check_adapter_params(answer) -> Feedback:
     """How many trainable parameters does a rank-8 adapter add to a 576 -> 1536 Linear?"""
     if answer is None:
         return not_attempted("`answer` (an int: the number of trainable parameters)")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return Feedback(False, f"Give a whole number of parameters, got {answer!r} ({type(answer).__name__}).")
+    if (wrong := wrong_type(answer, int, "a whole number of parameters")) is not None:
+        return wrong
     r, i, o = PARAMS_R, PARAMS_IN, PARAMS_OUT
     truth = r * (i + o)
     if answer == truth:
@@ -82,8 +82,8 @@ def check_nf4_dq_bytes(answer) -> Feedback:
     """Bytes stored for a 1536 x 576 weight in NF4 with double quantization (blocks of 64, then 256)."""
     if answer is None:
         return not_attempted("`answer` (an int: bytes of codes and constants)")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return Feedback(False, f"Give a whole number of bytes, got {answer!r} ({type(answer).__name__}).")
+    if (wrong := wrong_type(answer, int, "a whole number of bytes")) is not None:
+        return wrong
     truth = weight_bytes_truth()
     n = BYTES_SHAPE[0] * BYTES_SHAPE[1]
     codes, blocks = n // 2, n // 64

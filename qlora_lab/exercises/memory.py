@@ -1,6 +1,6 @@
 """Checkers for notebook 00, the memory wall."""
 from ..memory import estimate_memory, model_shape, quantized_4bit_bytes
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 N_7B = model_shape("7b").n_params()
 
@@ -9,17 +9,11 @@ def _close(answer, want, rel=0.01) -> bool:
     return abs(answer - want) <= rel * abs(want)
 
 
-def _number(answer, what):
-    if isinstance(answer, bool) or not isinstance(answer, (int, float)):
-        return Feedback(False, f"{what} should be a number of bytes, got {type(answer).__name__}")
-    return None
-
-
 def check_full_finetune_bytes(answer) -> Feedback:
     """Weights + gradients + AdamW state of full 16-bit fine-tuning of LLaMA-7B, in bytes."""
     if answer is None:
         return not_attempted("`answer` with the bytes of weights + gradients + optimizer state")
-    bad = _number(answer, "answer")
+    bad = wrong_type(answer, (int, float), "a number of bytes")
     if bad:
         return bad
     s = estimate_memory("7b", method="full", optimizer="adamw", compute_dtype="bfloat16")
@@ -39,7 +33,7 @@ def check_nf4_bytes(answer) -> Feedback:
     """Bytes bitsandbytes stores for a 4096 x 4096 weight in NF4 with double quantization."""
     if answer is None:
         return not_attempted("`answer` with the bytes of a 4096 x 4096 NF4 + DQ weight")
-    bad = _number(answer, "answer")
+    bad = wrong_type(answer, (int, float), "a number of bytes")
     if bad:
         return bad
     n = 4096 * 4096

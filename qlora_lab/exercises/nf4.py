@@ -1,7 +1,7 @@
 """Checkers for notebook 02 (the NF4 codebook)."""
 import torch
 
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 from ..codebooks import NF4_OFFSET, nf4_codebook
 
 # Exercise 2: the NF4 code of this value (in units of its block's absmax).
@@ -41,8 +41,8 @@ def check_code_of(answer) -> Feedback:
     """The 4-bit NF4 code (0..15) that CODE_OF maps to."""
     if answer is None:
         return not_attempted("`answer` (an int 0..15: the NF4 code of 0.5)")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return Feedback(False, f"Give an int 0..15, got {answer!r}.")
+    if (wrong := wrong_type(answer, int, "an int 0..15")) is not None:
+        return wrong
     code = nf4_codebook()
     truth = code_truth()
     mid = float((code[truth] + code[truth + 1]) / 2)

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from . import Feedback, not_attempted
+from . import Feedback, not_attempted, wrong_type
 
 # Exercise 1: pages of one LoRA matrix.
 PAGE_COUNT_SHAPE = (64, 576)  # lora_A of q_proj at r=64: 36,864 float32 elements
@@ -23,8 +23,8 @@ def check_page_count(answer) -> Feedback:
     """How many pages hold m and v of a float32 (64, 576) matrix, with page_bytes = 20 KiB?"""
     if answer is None:
         return not_attempted("`answer` (an int: the number of pages)")
-    if not isinstance(answer, int) or isinstance(answer, bool):
-        return Feedback(False, f"Give a whole number of pages, got {answer!r} ({type(answer).__name__}).")
+    if (wrong := wrong_type(answer, int, "a whole number of pages")) is not None:
+        return wrong
     truth = page_count_truth()
     numel = math.prod(PAGE_COUNT_SHAPE)
     one_moment = -(-numel * 4 // PAGE_COUNT_PAGE_BYTES)
