@@ -34,14 +34,8 @@ def example_losses(model, tokenizer, examples: list[dict], batch_size: int = 32)
     device = next(model.parameters()).device
     losses, counts = [], []
     for start in range(0, len(examples), batch_size):
-        encoded = [data.encode_example(tokenizer, e)[0] for e in examples[start:start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.zeros((len(encoded), width), dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, row in enumerate(encoded):
-            ids[i, :len(row)] = torch.tensor(row)
-            mask[i, :len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        batch = data.collate(tokenizer, examples[start:start + batch_size])  # its labels mask the prompt: unused
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         keep = mask[:, 1:].to(nll.dtype)
